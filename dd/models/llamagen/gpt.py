@@ -1,0 +1,128 @@
+"""LlamaGen class-conditional GPT teacher (``autoregressive/models/gpt.py``, ``Transformer``) in pure torch.
+
+Sequence layout: slot 0 holds the class embedding, slot j >= 1 holds image token j - 1; the logits at slot j
+predict image token j. Parameter names match the official ``c2i_*.pt["model"]`` state dicts (no ``freqs_cis``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from dd.models.llamagen.layers import KVCache, LabelEmbedder, RMSNorm, TransformerBlock, rope_table_2d, swiglu_hidden_dim
+
+
+class LlamaGenGPT(nn.Module):
+    """The class-conditional LlamaGen GPT.
+
+    Builder arguments are the official ``ModelArgs`` fields (``dim``, ``n_layer``, ``n_head``, ``n_kv_head``,
+    ``multiple_of``, ``ffn_dim_multiplier``, ``rope_base``, ``norm_eps``, ``vocab_size``, ``num_classes``,
+    ``class_dropout_prob``, ``block_size``, dropouts). Only ``cls_token_num = 1`` (class-conditional) is supported.
+    """
+
+    def __init__(self, *, dim: int, n_layer: int, n_head: int, vocab_size: int, num_classes: int, block_size: int,
+                 n_kv_head: int | None = None, multiple_of: int = 256, ffn_dim_multiplier: float | None = None,
+                 rope_base: float = 10000.0, norm_eps: float = 1e-5, class_dropout_prob: float = 0.1,
+                 token_dropout_p: float = 0.0, resid_dropout_p: float = 0.0, cls_token_num: int = 1) -> None:
+        super().__init__()
+        if cls_token_num != 1:
+            raise ValueError(f"cls_token_num={cls_token_num}: only class-conditional models (1 class slot) are supported")
+        grid = math.isqrt(block_size)
+        if grid * grid != block_size:
+            raise ValueError(f"block_size={block_size} must be a square number (grid_size**2)")
+        self.dim, self.n_layer, self.n_head = dim, n_layer, n_head
+        self.n_kv_head = n_kv_head or n_head
+        self.vocab_size, self.num_classes, self.block_size = vocab_size, num_classes, block_size
+        self.grid_size = grid
+        self.class_dropout_prob = class_dropout_prob
+        self.cls_token_num = cls_token_num
+        self.tok_embeddings = nn.Embedding(vocab_size, dim)
+        self.cls_embedding = LabelEmbedder(num_classes, dim, with_null_row=class_dropout_prob > 0)
+        self.tok_dropout = nn.Dropout(token_dropout_p)
+        hidden = swiglu_hidden_dim(dim, multiple_of, ffn_dim_multiplier)
+        self.layers = nn.ModuleList(
+            TransformerBlock(dim=dim, n_head=n_head, n_kv_head=self.n_kv_head, ffn_hidden=hidden, norm_eps=norm_eps,
+                             dropout=resid_dropout_p)
+            for _ in range(n_layer)
+        )
+        self.norm = RMSNorm(dim, norm_eps)
+        self.output = nn.Linear(dim, vocab_size, bias=False)
+        self.register_buffer("rope", rope_table_2d(grid, dim // n_head, rope_base, cls_token_num), persistent=False)
+        self._causal_mask: torch.Tensor | None = None
+
+    @property
+    def null_class(self) -> int:
+        """Index of the unconditional class row used by classifier-free guidance."""
+        return self.num_classes
+
+    # -- embeddings -------------------------------------------------------------------------------------------
+    def class_embeddings(self, labels: torch.Tensor) -> torch.Tensor:
+        """labels (B,) -> (B, 1, dim); in training mode labels are dropped to the null class w.p. class_dropout_prob."""
+        if self.training and self.class_dropout_prob > 0:
+            drop = torch.rand(labels.shape, device=labels.device) < self.class_dropout_prob
+            labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
+        return self.cls_embedding(labels)[:, None, :]
+
+    def _run(self, h: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        h = self.tok_dropout(h)
+        rope = self.rope[input_pos]
+        for layer in self.layers:
+            h = layer(h, rope, input_pos, mask)
+        return self.output(self.norm(h)).float()
+
+    # -- full-sequence (teacher-forcing) path ---------------------------------------------------------------------
+    def forward(self, labels: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher forcing: labels (B,), tokens (B, T) with T <= block_size -> logits (B, T + 1, V), float32.
+
+        Row j of the output predicts image token j (row 0 = class slot). No KV cache is used or touched.
+        """
+        h = self.class_embeddings(labels)
+        if tokens is not None and tokens.shape[1] > 0:
+            if tokens.shape[1] > self.block_size:
+                raise ValueError(f"got {tokens.shape[1]} tokens but block_size is {self.block_size}")
+            h = torch.cat([h, self.tok_embeddings(tokens)], dim=1)
+        input_pos = torch.arange(h.shape[1], device=h.device)
+        caches = [layer.attention.kv_cache for layer in self.layers]
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+        try:
+            return self._run(h, input_pos, None)
+        finally:
+            for layer, cache in zip(self.layers, caches):
+                layer.attention.kv_cache = cache
+
+    # -- cached decoding path ------------------------------------------------------------------------------------
+    def setup_caches(self, batch: int, max_seq: int, dtype: torch.dtype | None = None) -> None:
+        """Allocate static KV caches for ``batch`` rows and ``max_seq`` positions (rounded up to a multiple of 8)."""
+        max_seq = ((max_seq + 7) // 8) * 8
+        dtype = dtype or self.output.weight.dtype
+        device = self.output.weight.device
+        for layer in self.layers:
+            attn = layer.attention
+            attn.kv_cache = KVCache(batch, attn.n_kv_head, max_seq, attn.head_dim, dtype, device)
+        self._causal_mask = torch.tril(torch.ones(max_seq, max_seq, dtype=torch.bool, device=device))
+
+    def clear_caches(self) -> None:
+        """Drop the KV caches (generation leaves none behind; this frees them explicitly)."""
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+        self._causal_mask = None
+
+    def prefill(self, labels: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal pass over [class, prefix tokens] that fills the caches; returns the last slot's logits (B, V)."""
+        h = self.class_embeddings(labels)
+        if prefix is not None and prefix.shape[1] > 0:
+            h = torch.cat([h, self.tok_embeddings(prefix)], dim=1)
+        input_pos = torch.arange(h.shape[1], device=h.device)
+        return self._run(h, input_pos, None)[:, -1]
+
+    def decode_step(self, tokens: torch.Tensor, position: int | torch.Tensor) -> torch.Tensor:
+        """Feed tokens (B,) at sequence slot ``position`` using the caches; returns logits (B, V) for the next token."""
+        if self._causal_mask is None:
+            raise RuntimeError("decode_step needs setup_caches() and prefill() first")
+        input_pos = torch.as_tensor(position, device=tokens.device).reshape(1)
+        mask = self._causal_mask[input_pos][None, None].expand(tokens.shape[0], 1, 1, -1)
+        h = self.tok_embeddings(tokens[:, None])
+        return self._run(h, input_pos, mask)[:, -1]

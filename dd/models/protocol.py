@@ -1,0 +1,55 @@
+"""The small protocol through which the rest of dd sees a model family (LlamaGen now, VAR next).
+
+A *timestep* t counts AR steps already taken: tokens for LlamaGen (0..256), scales for VAR (0..10). X_t holds data
+(codebook vectors) for the first ``data_length(t)`` tokens and the original noise for the rest.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from dd.sampling.choosers import TokenChooser
+from dd.sampling.logits import SamplingConfig
+
+
+@runtime_checkable
+class DDStudent(Protocol):
+    """What samplers and training need of a DD student."""
+
+    def perturb(self, data: torch.Tensor, t: torch.Tensor | int, noise: torch.Tensor) -> torch.Tensor: ...
+
+    def final_predict(self, x_t: torch.Tensor, labels: torch.Tensor, t: torch.Tensor | int
+                      ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def final_sequence(self, tokens: torch.Tensor, logits: torch.Tensor, split: int) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class ARFamily(Protocol):
+    """Teacher + tokenizer of one family, seen through sequence-level operations."""
+
+    name: str
+    sequence_length: int  # L: tokens per image
+    token_dim: int  # d: dimension of a codebook vector / noise token
+    num_timesteps: int  # AR steps per image (t ranges over 0..num_timesteps)
+    num_classes: int
+
+    def data_length(self, t: int) -> int:
+        """Number of leading data tokens at timestep t."""
+        ...
+
+    def codebook(self) -> torch.Tensor:
+        """(V, d) codebook vectors as the student and the flow map see them."""
+        ...
+
+    def teacher_generate(self, labels: torch.Tensor, start_t: int, end_t: int, prefix: torch.Tensor | None,
+                         sampling: SamplingConfig, chooser: TokenChooser) -> torch.Tensor:
+        """Continue from ``prefix`` (B, data_length(start_t), d) codebook vectors (None when start_t = 0) up to
+        ``end_t``; returns token ids (B, data_length(end_t))."""
+        ...
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Continuous token sequence (B, L, d) -> images (B, 3, H, W) in about [-1, 1]."""
+        ...
