@@ -11,6 +11,7 @@ from dd.models.llamagen.builders import (
 from dd.models.llamagen.family import LlamaGenFamily
 from dd.models.llamagen.generation import GenerationResult, generate
 from dd.models.llamagen.gpt import LlamaGenGPT
+from dd.models.llamagen.spec import LlamaGenSpec, make_spec, spec_from_config
 from dd.models.llamagen.student import LlamaGenDDStudent
 from dd.models.llamagen.tokenizer import VQTokenizer
 
@@ -19,6 +20,7 @@ __all__ = [
     "LlamaGenDDStudent",
     "LlamaGenFamily",
     "LlamaGenGPT",
+    "LlamaGenSpec",
     "VQTokenizer",
     "arch_from_official_args",
     "build_student",
@@ -26,5 +28,7 @@ __all__ = [
     "build_tokenizer",
     "generate",
     "load_weights",
+    "make_spec",
+    "spec_from_config",
     "student_from_teacher",
 ]
