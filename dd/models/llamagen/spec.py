@@ -22,6 +22,20 @@ from dd.sampling.logits import SamplingConfig
 
 ASSETS_DIR = Path(__file__).resolve().parents[2] / "assets"
 BUNDLED_PREFIX = "bundled://"
+RANDOM_PREFIX = "random:"
+
+
+@torch.no_grad()
+def random_weights(model: torch.nn.Module, seed: int) -> None:
+    """Seeded random weights of a sane scale for ``checkpoint: random:<seed>`` (tests and speed benchmarks only):
+    every weight matrix N(0, 1/fan_in), so logits are O(1) and every parameter matters."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in sorted(model.named_parameters()):
+        if param.ndim >= 2:
+            fan_in = param[0].numel()
+            param.copy_(torch.randn(param.shape, generator=generator) / fan_in**0.5)
+        elif name.endswith("bias"):
+            param.zero_()
 
 
 def resolve_bundled(reference: str | None) -> str | None:
@@ -96,6 +110,9 @@ class LlamaGenSpec:
         return model.to(device)
 
     def _load(self, model: torch.nn.Module, component: ComponentSpec, kind: str) -> None:
+        if component.checkpoint is not None and str(component.checkpoint).startswith(RANDOM_PREFIX):
+            random_weights(model, int(str(component.checkpoint)[len(RANDOM_PREFIX):] or 0))
+            return
         if component.checkpoint is None:
             raise CheckpointError(f"preset {self.name!r} names no {kind} checkpoint; set model.{kind}.checkpoint")
         load_weights(model, resolve_bundled(component.checkpoint), kind=kind, key=component.checkpoint_key,

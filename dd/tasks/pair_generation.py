@@ -1,0 +1,132 @@
+"""Lightning task for pair generation: ``Trainer.predict`` over shard indices plus a shard-writing callback.
+
+Each predict "batch" is one shard (a fixed sample range); ranks take pending shards round-robin, so the set of
+files written is the same for any number of devices. The writer finalises the manifest on rank 0 after a barrier.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from dd.flow import FlowMapConfig
+from dd.models.protocol import ARFamily
+from dd.pairs.generation import PairBatch, generate_pair_batch, make_labels
+from dd.pairs.shards import (
+    file_sha256,
+    read_manifest,
+    shard_is_complete,
+    shard_path,
+    shard_ranges,
+    write_manifest,
+    write_shard,
+)
+from dd.sampling.logits import SamplingConfig
+from dd.sampling.seeds import sample_seeds
+
+
+# Each predict batch is a whole shard given by its index, so Lightning has no per-sample indices to track.
+warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
+
+
+def pending_shards(directory: Path, num_pairs: int, shard_size: int) -> list[tuple[int, int, int]]:
+    """(index, first_sample, count) of every shard not yet complete on disk."""
+    return [(i, first, count) for i, (first, count) in enumerate(shard_ranges(num_pairs, shard_size))
+            if not shard_is_complete(shard_path(directory, i), first, count)]
+
+
+class _ShardList(Dataset):
+    def __init__(self, shards: Sequence[tuple[int, int, int]]) -> None:
+        self.shards = list(shards)
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def __getitem__(self, i: int) -> tuple[int, int, int]:
+        return self.shards[i]
+
+
+class PairGenerationTask(L.LightningModule):
+    """Generates the pairs of one shard per predict step, in micro-batches of ``batch_size``."""
+
+    def __init__(self, family: ARFamily, sampling: SamplingConfig, flow: FlowMapConfig, seed_base: int,
+                 labels: str | Sequence[int], batch_size: int, shards: Sequence[tuple[int, int, int]]) -> None:
+        super().__init__()
+        self.family = family
+        self.teacher = family.teacher  # registered so Lightning moves it to the device
+        self.tokenizer = family.tokenizer
+        self.sampling, self.flow = sampling, flow
+        self.seed_base, self.labels_mode, self.batch_size = seed_base, labels, batch_size
+        self.shards = list(shards)
+
+    def predict_dataloader(self) -> DataLoader:
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        return DataLoader(_ShardList(self.shards[rank::world]), batch_size=None, shuffle=False)
+
+    def predict_step(self, shard: tuple[int, int, int], batch_idx: int = 0) -> dict[str, Any]:
+        index, first, count = (int(v) for v in shard)
+        parts = []
+        for start in range(first, first + count, self.batch_size):
+            n = min(self.batch_size, first + count - start)
+            seeds = sample_seeds(self.seed_base, start, n)
+            labels = make_labels(seeds, self.family.num_classes, self.labels_mode, range(start, start + n))
+            parts.append(generate_pair_batch(self.family, seeds, labels, self.sampling, self.flow, self.device))
+        merged = PairBatch(*(torch.cat([getattr(p, f) for p in parts]) for f in PairBatch.__dataclass_fields__))
+        return {"index": index, "first": first, "batch": merged}
+
+
+class ShardWriter(BasePredictionWriter):
+    """Writes each predicted shard atomically and, at the end, the completed manifest (rank 0)."""
+
+    def __init__(self, directory: Path, token_shape: Sequence[int], store_noise: bool,
+                 shards: Sequence[tuple[int, int, int]], finalize: Callable[[Path], None]) -> None:
+        super().__init__(write_interval="batch")
+        self.directory = Path(directory)
+        self.token_shape = tuple(token_shape)
+        self.store_noise = store_noise
+        self.shards = list(shards)
+        self.finalize = finalize
+        self.bar: tqdm | None = None
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            rank_zero_pairs = sum(count for _, _, count in self.shards[::trainer.world_size])
+            self.bar = tqdm(total=rank_zero_pairs, unit="pair", desc=f"pairs (rank 0 of {trainer.world_size})")
+
+    def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any,
+                           batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        write_shard(self.directory, prediction["index"], prediction["first"], prediction["batch"], self.token_shape,
+                    self.store_noise)
+        if self.bar is not None:
+            self.bar.update(int(prediction["batch"].labels.shape[0]))
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        trainer.strategy.barrier("pairs-written")
+        if trainer.is_global_zero:
+            self.finalize(self.directory)
+
+
+def finalize_manifest(directory: Path, num_pairs: int, shard_size: int) -> dict[str, Any]:
+    """Scan the shards, record their checksums and mark the manifest complete when every shard is present."""
+    manifest = read_manifest(directory)
+    entries = []
+    for i, (first, count) in enumerate(shard_ranges(num_pairs, shard_size)):
+        path = shard_path(directory, i)
+        if shard_is_complete(path, first, count):
+            entries.append({"index": i, "file": path.name, "first_sample": first, "count": count,
+                            "sha256": file_sha256(path)})
+    manifest["shards"] = entries
+    manifest["num_written"] = sum(e["count"] for e in entries)
+    manifest["complete"] = manifest["num_written"] == num_pairs
+    write_manifest(directory, manifest)
+    return manifest
