@@ -1,0 +1,116 @@
+"""Distillation losses for the DD student (method.md §4.3-4.5), pure torch.
+
+A training example is a pair (label, target token ids q (L,), noise eps (L, d)) and a timestep t drawn from the
+schedule's ``t_list``. The student reads X_t = [codebook[q_<t], eps_>=t] and must output the final sequence:
+* ``ce``: cross-entropy of the logits head against q at the predicted positions (i >= t);
+* ``mse``: squared error of the continuous head against codebook[q] at positions i >= max(t, split_t) (the
+  positions whose continuous output is used at inference), mean over positions and channels;
+* ``perceptual`` (optional): a feature-space distance between images decoded through the frozen tokenizer from
+  [codebook[q] before the split, continuous predictions after it] and from codebook[q].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from dd.models.protocol import ARFamily
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Weights of the loss terms and the split between logits-head and continuous-head positions (in tokens)."""
+
+    ce_weight: float = 1.0
+    mse_weight: float = 1.0
+    perceptual_weight: float = 0.0
+    split_t: int = 0
+
+    def __post_init__(self) -> None:
+        if min(self.ce_weight, self.mse_weight, self.perceptual_weight) < 0:
+            raise ValueError("loss weights must be >= 0")
+        if self.ce_weight + self.mse_weight + self.perceptual_weight == 0:
+            raise ValueError("at least one loss weight must be > 0")
+
+
+@dataclass(frozen=True)
+class LossTerms:
+    """Scalar tensors; ``total`` is the weighted sum that is optimised. ``token_acc`` is a detached diagnostic."""
+
+    total: torch.Tensor
+    ce: torch.Tensor
+    mse: torch.Tensor
+    perceptual: torch.Tensor
+    token_acc: torch.Tensor
+
+
+def sample_timesteps(t_list: Sequence[int], batch: int, generator: torch.Generator | None = None,
+                     probs: Sequence[float] | None = None) -> torch.Tensor:
+    """(batch,) int64 timesteps drawn from ``t_list`` (uniformly unless ``probs`` is given)."""
+    weights = torch.tensor(probs if probs is not None else [1.0] * len(t_list), dtype=torch.float)
+    choice = torch.multinomial(weights, batch, replacement=True, generator=generator)
+    return torch.tensor(list(t_list), dtype=torch.long)[choice]
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of values (B, L) over mask (B, L); 0 (with a gradient path) when the mask is empty."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def dd_loss(student: torch.nn.Module, labels: torch.Tensor, target_ids: torch.Tensor, noise: torch.Tensor,
+            t: torch.Tensor, codebook: torch.Tensor, config: LossConfig,
+            perceptual: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> LossTerms:
+    """Loss of one batch. labels (B,), target_ids (B, L), noise (B, L, d), t (B,), codebook (V, d).
+
+    ``perceptual(pred_tokens, target_tokens)`` (both (B, L, d)) returns a scalar when the perceptual term is on.
+    """
+    data = codebook[target_ids].to(noise.dtype)
+    x_t = student.perturb(data, t, noise)
+    tokens, logits = student(x_t, labels, t)
+    positions = torch.arange(target_ids.shape[1], device=t.device)[None, :]
+    predicted = positions >= t[:, None]
+    ce_all = F.cross_entropy(logits.float().transpose(1, 2), target_ids, reduction="none")
+    ce = _masked_mean(ce_all, predicted)
+    conti_mask = positions >= torch.clamp(t, min=config.split_t)[:, None]
+    mse = _masked_mean((tokens.float() - data.float()).pow(2).mean(-1), conti_mask)
+    zero = ce.new_zeros(())
+    percep = zero
+    if config.perceptual_weight > 0:
+        if perceptual is None:
+            raise ValueError("perceptual_weight > 0 needs a perceptual loss function")
+        pred = torch.where(conti_mask[..., None], tokens, data)
+        percep = perceptual(pred, data)
+    total = config.ce_weight * ce + config.mse_weight * mse + config.perceptual_weight * percep
+    with torch.no_grad():
+        acc = _masked_mean((logits.argmax(-1) == target_ids).float(), predicted)
+    return LossTerms(total, ce.detach(), mse.detach(), percep.detach(), acc)
+
+
+class FeaturePerceptualLoss(torch.nn.Module):
+    """Perceptual loss: decode both token sequences through the frozen tokenizer, compare the features of a frozen
+    network (mean squared difference of unit-normalised features, LPIPS-style).
+
+    ``features(images in [0, 1], (B, 3, H, W)) -> (B, D)`` or a list of feature maps.
+    """
+
+    def __init__(self, family: ARFamily, features: torch.nn.Module) -> None:
+        super().__init__()
+        self.family = family
+        self.features = features.eval().requires_grad_(False)
+
+    def _feats(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        images = (self.family.tokenizer.decode_tokens(tokens, self.family.grid).clamp(-1, 1) + 1) / 2
+        out = self.features(images)
+        return list(out) if isinstance(out, (list, tuple)) else [out]
+
+    def forward(self, pred_tokens: torch.Tensor, target_tokens: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            target = self._feats(target_tokens)
+        pred = self._feats(pred_tokens)
+        terms = [(F.normalize(p.flatten(1), dim=1) - F.normalize(q.flatten(1), dim=1)).pow(2).sum(1).mean()
+                 for p, q in zip(pred, target)]
+        return torch.stack(terms).sum()

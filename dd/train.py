@@ -1,0 +1,149 @@
+"""``python -m dd.train [model=gpt_tiny] [trainer.devices=8] [resume=auto]``: train a DD student on pairs.
+
+The student is initialised from the teacher (official DD semantics); the EMA student is exported in the official
+LlamaGen-DD layout at the end (``<output_dir>/export/student_ema.pt``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from dd.distill.losses import LossConfig
+from dd.runs import ConfigError, is_multirun, is_rank_zero, refuse_multirun_with_ddp, save_resolved_config
+from dd.sampling.dd_samplers import validate_split, validate_t_list
+
+log = logging.getLogger("dd.train")
+
+
+def _validate(cfg: dict[str, Any], sequence_length: int) -> None:
+    try:
+        validate_t_list(cfg["schedule"]["t_list"], sequence_length)
+        validate_split(cfg["schedule"]["split_t"], sequence_length)
+        LossConfig(**{k: v for k, v in cfg["loss"].items() if k != "perceptual"}, split_t=cfg["schedule"]["split_t"])
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    if int(cfg["max_steps"]) < 1 or int(cfg["batch_size"]) < 1:
+        raise ConfigError("max_steps and batch_size must be >= 1")
+    if int(cfg["data"]["val_every"]) < 2:
+        raise ConfigError(f"data.val_every={cfg['data']['val_every']} must be >= 2 (every k-th pair is held out)")
+    if cfg["resume"] not in ("auto", "never") and not Path(str(cfg["resume"])).is_file():
+        raise ConfigError(f"resume={cfg['resume']!r}: expected 'auto', 'never' or an existing .ckpt path")
+    refuse_multirun_with_ddp(cfg["trainer"], is_multirun())
+
+
+def _sequence_length(cfg: dict[str, Any]) -> int:
+    return int(cfg["model"]["teacher"]["arch"]["block_size"])
+
+
+def _datasets(cfg: dict[str, Any], student: Any, teacher_sha: str):
+    from dd.pairs import PairDataset, PairExpectation
+
+    expect = PairExpectation(student.block_size, student.codebook_dim, student.vocab_size, student.num_classes,
+                             teacher_sha256=teacher_sha)
+    every = int(cfg["data"]["val_every"])
+    directory = Path(cfg["data"]["pairs_dir"])
+    if not (directory / "manifest.json").is_file():
+        raise ConfigError(f"no pairs at {directory}. Generate them first: python -m dd.generate_pairs "
+                          f"model={cfg['model']['name']} (or set data.pairs_dir=<.../pairs>).")
+    train = PairDataset(directory, expect, sample_filter=lambda i: i % every != 0)
+    val = PairDataset(directory, expect, sample_filter=lambda i: i % every == 0)
+    if len(train) < int(cfg["batch_size"]):
+        raise ConfigError(f"only {len(train)} training pairs for batch_size={cfg['batch_size']}: generate more pairs")
+    return train, val
+
+
+def _perceptual(cfg: dict[str, Any], family: Any):
+    weight = float(cfg["loss"].get("perceptual_weight", 0.0))
+    if weight <= 0:
+        return None
+    from dd.distill.losses import FeaturePerceptualLoss
+    from dd.distill.perceptual import load_perceptual_network
+
+    return FeaturePerceptualLoss(family, load_perceptual_network(cfg["loss"]["perceptual"]))
+
+
+def _logger(cfg: dict[str, Any], out: Path):
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    kind = cfg["logger"]["name"]
+    if kind == "csv":
+        return CSVLogger(str(out), name="logs", version="")
+    if kind == "wandb":
+        return WandbLogger(project=cfg["logger"]["project"], save_dir=str(out), name=cfg["run_name"],
+                           offline=cfg["logger"].get("offline", False))
+    if kind == "none":
+        return False
+    raise ConfigError(f"logger={kind!r}: expected csv, wandb or none")
+
+
+def _resume_path(cfg: dict[str, Any], ckpt_dir: Path) -> str | None:
+    if cfg["resume"] == "never":
+        return None
+    if cfg["resume"] == "auto":
+        last = ckpt_dir / "last.ckpt"
+        return str(last) if last.is_file() else None
+    return str(cfg["resume"])
+
+
+def run(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Train according to a resolved config; returns a summary (export path, last validation metrics)."""
+    import lightning as L
+    from hydra.utils import instantiate
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from dd.distill.ema import export_student
+    from dd.pairs import state_dict_sha256
+    from dd.tasks.distillation import DistillationTask, OptimConfig
+
+    _validate(cfg, _sequence_length(cfg))
+    out = Path(cfg["output_dir"])
+    L.seed_everything(int(cfg["seed"]), workers=True)
+    spec = instantiate(cfg["model"], _convert_="all")
+    family = spec.build_family()
+    student = spec.build_student(family.codebook(), init=cfg["student_init"], teacher=family.teacher)
+    train, val = _datasets(cfg, student, state_dict_sha256(family.teacher))
+    loss = LossConfig(**{k: v for k, v in cfg["loss"].items() if k != "perceptual"}, split_t=cfg["schedule"]["split_t"])
+    task = DistillationTask(student, cfg["schedule"]["t_list"], loss, OptimConfig(**cfg["optim"]),
+                            float(cfg["ema_decay"]), int(cfg["max_steps"]), train, val, int(cfg["batch_size"]),
+                            int(cfg["num_workers"]), _perceptual(cfg, family), bool(cfg["compile"]), int(cfg["seed"]))
+    if is_rank_zero():
+        save_resolved_config(out, cfg)
+    ckpt_dir = out / "checkpoints"
+    checkpoint = ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, every_n_train_steps=int(cfg["ckpt_every"]),
+                                 save_top_k=0)
+    trainer = L.Trainer(**cfg["trainer"], use_distributed_sampler=False, max_steps=int(cfg["max_steps"]), logger=_logger(cfg, out),
+                        callbacks=[checkpoint], val_check_interval=int(cfg["val_every_steps"]),
+                        check_val_every_n_epoch=None,
+                        log_every_n_steps=int(cfg["log_every"]), default_root_dir=str(out),
+                        gradient_clip_val=float(cfg["grad_clip"]),
+                        accumulate_grad_batches=int(cfg["accumulate_grad_batches"]),
+                        limit_val_batches=cfg["limit_val_batches"], num_sanity_val_steps=0)
+    trainer.fit(task, ckpt_path=_resume_path(cfg, ckpt_dir))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    summary: dict[str, Any] = {"global_step": trainer.global_step, "metrics": metrics}
+    if trainer.is_global_zero:
+        export = export_student(out / "export" / "student_ema.pt", task.ema.shadow.state_dict(),
+                                task.student.state_dict(),
+                                {"model": cfg["model"], "schedule": cfg["schedule"], "global_step": trainer.global_step,
+                                 "teacher_sha256": state_dict_sha256(family.teacher), "metrics": metrics})
+        summary["export"] = str(export)
+        log.info("exported EMA student to %s", export)
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="train")
+def main(cfg: DictConfig) -> None:
+    os.environ.setdefault("WANDB_SILENT", "true")
+    summary = run(OmegaConf.to_container(cfg, resolve=True))
+    if is_rank_zero():
+        log.info("done: step %s, %s", summary["global_step"], summary["metrics"])
+
+
+if __name__ == "__main__":
+    main()
