@@ -1,0 +1,111 @@
+"""Pair-generation throughput vs plain teacher sampling, side by side in one run.
+
+Measures pairs/s of the teacher's AR loop with (a) ordinary multinomial sampling and (b) the flow-matching map for
+several solver settings, at a real model size (default GPT-B shape over the VQ-16 codebook, random weights: speed
+does not depend on the values). Prints a markdown table with the flow-map overhead as a ratio.
+
+    python scripts/bench_pairs.py --preset gpt_b --batch 8 --repeats 3            # CPU
+    python scripts/bench_pairs.py --preset gpt_b --batch 256 --device cuda --dtype bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from dd.flow import FlowMapConfig
+from dd.models.llamagen import LlamaGenFamily, build_teacher, build_tokenizer, generate
+from dd.models.llamagen.spec import random_weights
+from dd.pairs.generation import FlowChooser
+from dd.sampling.choosers import SeededMultinomialChooser
+from dd.sampling.logits import SamplingConfig
+from dd.sampling.seeds import per_sample_normal, per_sample_uniform, sample_seeds
+
+REPO = Path(__file__).resolve().parents[1]
+SETTINGS = [("euler", 25, "quadratic"), ("dpmpp_2m", 25, "quadratic"), ("dpmpp_2m", 50, "quadratic"),
+            ("dpmpp_2m", 100, "quadratic"), ("euler", 200, "quadratic")]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(fn, device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="gpt_b")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--cfg-scale", type=float, default=2.0)
+    parser.add_argument("--top-k", type=int, default=8000)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    parser.add_argument("--out", default=None, help="also write the table to this markdown file")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cfg = yaml.safe_load((REPO / "configs" / "model" / f"{args.preset}.yaml").read_text())
+    teacher = build_teacher(**cfg["teacher"]["arch"])
+    random_weights(teacher, 0)
+    tokenizer = build_tokenizer(**cfg["tokenizer"]["arch"])
+    teacher, tokenizer = teacher.to(device).eval(), tokenizer.to(device).eval()
+    family = LlamaGenFamily(tokenizer, teacher)
+    sampling = SamplingConfig(cfg_scale=args.cfg_scale, top_k=args.top_k)
+    length, dim = family.sequence_length, family.token_dim
+    seeds = sample_seeds(0, 0, args.batch)
+    labels = torch.arange(args.batch, device=device) % family.num_classes
+    codebook = family.codebook().detach()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+
+    def plain() -> None:
+        chooser = SeededMultinomialChooser(per_sample_uniform(seeds, length, device=device))
+        with autocast:
+            generate(teacher, labels, length, sampling, chooser)
+
+    def flow(setting: tuple[str, int, str]) -> None:
+        solver, steps, grid = setting
+        noise = per_sample_normal(seeds, (length, dim), device=device)
+        chooser = FlowChooser(noise, codebook, FlowMapConfig(solver=solver, num_steps=steps, time_grid=grid))
+        with autocast:
+            generate(teacher, labels, length, sampling, chooser)
+
+    plain()  # warm-up
+    times: dict[str, list[float]] = {"multinomial": []}
+    for setting in SETTINGS:
+        times[f"{setting[0]} {setting[1]} steps ({setting[2]})"] = []
+    for _ in range(args.repeats):  # interleaved so drifts in machine load hit every row alike
+        times["multinomial"].append(_time(plain, device))
+        for setting in SETTINGS:
+            times[f"{setting[0]} {setting[1]} steps ({setting[2]})"].append(_time(lambda s=setting: flow(s), device))
+    base = statistics.median(times["multinomial"])
+    lines = [f"preset {args.preset} ({sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M teacher, "
+             f"{length} tokens, V={codebook.shape[0]}), batch {args.batch}, CFG {args.cfg_scale}, top-k {args.top_k},"
+             f" device {device}, {args.dtype}, torch threads {torch.get_num_threads()}, median of {args.repeats}",
+             "", "| token choice | s / batch | pairs/s | time vs multinomial | flow-map overhead |",
+             "|---|---|---|---|---|"]
+    for name, values in times.items():
+        t = statistics.median(values)
+        lines.append(f"| {name} | {t:.2f} | {args.batch / t:.2f} | {t / base:.3f}x | {100 * (t / base - 1):+.1f}% |")
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        Path(args.out).write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""The config groups are the registry: every option of every group composes and instantiates; core stays pure torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from dd.models.llamagen import LlamaGenSpec, build_student, build_teacher, build_tokenizer
+
+from conftest import REPO_ROOT
+from test_pairs import compose_cfg
+
+CONFIGS = REPO_ROOT / "configs"
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+
+
+def _roots() -> list[str]:
+    return sorted(p.stem for p in CONFIGS.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("root", _roots())
+@pytest.mark.parametrize("model", _options("model"))
+def test_every_model_preset_composes_and_builds_on_meta(root: str, model: str) -> None:
+    cfg = compose_cfg(root, [f"model={model}"])
+    spec = instantiate(cfg["model"], _convert_="all")
+    assert isinstance(spec, LlamaGenSpec) and spec.name == model
+    teacher = build_teacher(device="meta", **spec.teacher.arch)
+    student = build_student(device="meta", **spec.student_arch)
+    tokenizer = build_tokenizer(device="meta", **spec.tokenizer.arch)
+    assert teacher.vocab_size == tokenizer.codebook_size == student.vocab_size
+    assert student.codebook_dim == tokenizer.embed_dim
+    assert spec.default_t_list[0] == 0 and all(t < teacher.block_size for t in spec.default_t_list)
+
+
+@pytest.mark.parametrize("group", ["hardware", "logger", "schedule"])
+def test_every_option_of_the_shared_groups_composes(group: str) -> None:
+    roots = [r for r in _roots() if group != "schedule" or r == "train"]
+    for root in roots:
+        if group == "logger" and root != "train":
+            continue
+        for option in _options(group):
+            cfg = compose_cfg(root, [f"{group}={option}"])
+            if group == "hardware":
+                assert set(cfg["trainer"]) >= {"accelerator", "devices", "precision", "strategy"}
+                assert "devices" in cfg["trainer"]
+            elif group == "schedule":
+                assert cfg["schedule"]["t_list"][0] == 0
+            else:
+                assert cfg["logger"]["name"] == option
+
+
+def test_devices_is_a_direct_override() -> None:
+    cfg = compose_cfg("train", ["hardware=gpu", "trainer.devices=8"])
+    assert cfg["trainer"]["devices"] == 8 and cfg["trainer"]["precision"] == "bf16-mixed"
+
+
+def test_bundled_reference_resolves_to_package_assets() -> None:
+    from dd.checkpoint import CheckpointError
+    from dd.models.llamagen.spec import ASSETS_DIR, resolve_bundled
+
+    assert resolve_bundled("hf://a/b/c.pt") == "hf://a/b/c.pt"
+    with pytest.raises(CheckpointError, match="bundled weights .* are missing"):
+        resolve_bundled("bundled://does_not_exist.pt")
+    assert ASSETS_DIR == REPO_ROOT / "dd" / "assets"
+
+
+CORE = ["dd.checkpoint", "dd.models.codebook", "dd.models.protocol", "dd.models.llamagen", "dd.flow", "dd.sampling.logits",
+        "dd.sampling.choosers", "dd.sampling.seeds", "dd.sampling.dd_samplers", "dd.pairs", "dd.distill.losses",
+        "dd.distill.ema", "dd.distill.perceptual", "dd.metrics", "dd.data", "dd.runs"]
+
+
+def test_core_modules_import_neither_lightning_nor_hydra() -> None:
+    code = ("import sys\n" + "".join(f"import {m}\n" for m in CORE) +
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning', 'hydra'))\n"
+            "print(','.join(bad))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "", f"core modules pulled in {result.stdout.strip()}"
+
+
+def test_checkpoints_never_hold_dictconfig(tmp_path: Path) -> None:
+    """Resolved configs are stored as plain containers (a DictConfig inside a checkpoint breaks weights_only)."""
+    from dd.runs import save_resolved_config
+
+    cfg = compose_cfg("train", ["model=gpt_test"])
+    assert type(cfg) is dict
+    path = save_resolved_config(tmp_path, cfg)
+    torch.save({"config": cfg}, tmp_path / "c.pt")
+    assert torch.load(tmp_path / "c.pt", weights_only=True)["config"]["model"]["name"] == "gpt_test"
+    assert path.read_text().startswith("{")
