@@ -1,0 +1,262 @@
+"""``python -m dd.eval sampler=<fewstep|teacher_involved|teacher> ...``: sample, decode, write and score images.
+
+Every impossible setting (t_list, split_t, teacher_start_t, sample counts, label mode, missing student checkpoint,
+missing reference statistics or extractor weights) fails with a :class:`~dd.runs.ConfigError` before any model is
+loaded. Sampling runs through ``Trainer.predict`` (``trainer.devices=N`` shards the sample indices over N devices
+with identical results); rank 0 then writes ``samples.npz``, ``grid.png`` and ``metrics.json``
+(see :mod:`dd.evaluation.outputs`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from dd.evaluation.quality import FMNIST_EXTRACTOR, MetricPlan, resolve_metric_plan
+from dd.evaluation.samplers import EvalModels, EvalSampler
+from dd.runs import ConfigError, is_multirun, is_rank_zero, refuse_multirun_with_ddp, save_resolved_config
+
+log = logging.getLogger("dd.eval")
+
+EXPORT_HINT = ("train and export one with `python -m dd.generate_pairs model={name}` followed by "
+               "`python -m dd.train model={name}` (the export lands at outputs/train/{name}/export/student_ema.pt)")
+_DTYPES = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _join(values: Any, separator: str = "-") -> str:
+    """``${dd.join:${schedule.t_list}}`` -> "0-24": run names that tell sampler settings apart."""
+    return separator.join(str(v) for v in values)
+
+
+OmegaConf.register_new_resolver("dd.join", _join, replace=True)
+
+
+# -- validation (no model is loaded here) ----------------------------------------------------------------------
+def _check_counts(cfg: dict[str, Any]) -> None:
+    for key in ("num_samples", "batch_size"):
+        if int(cfg[key]) < 1:
+            raise ConfigError(f"{key}={cfg[key]} must be >= 1")
+    if int(cfg["seed_base"]) < 0:
+        raise ConfigError(f"seed_base={cfg['seed_base']} must be >= 0")
+    if cfg.get("teacher_dtype") not in _DTYPES:
+        raise ConfigError(f"teacher_dtype={cfg.get('teacher_dtype')!r}: choose null, float32, bfloat16 or float16")
+
+
+def _check_labels(mode: Any, num_classes: int) -> None:
+    if mode in ("uniform", "balanced"):
+        return
+    if isinstance(mode, str) or not mode or any(not 0 <= int(c) < num_classes for c in mode):
+        raise ConfigError(f"labels={mode!r}: expected uniform, balanced or a list of class ids in 0..{num_classes - 1}")
+
+
+def sequence_layout(spec: Any) -> tuple[int, int, int]:
+    """(num_timesteps, sequence_length, num_classes) of a preset, read from its YAML (nothing is built)."""
+    if spec.family != "llamagen":
+        raise ConfigError(f"dd.eval supports the llamagen family; preset {spec.name!r} is {spec.family!r}")
+    arch = spec.teacher.arch
+    return int(arch["block_size"]), int(arch["block_size"]), int(arch["num_classes"])
+
+
+def _build_sampler(cfg: dict[str, Any], spec: Any) -> EvalSampler:
+    from hydra.utils import get_class, instantiate
+
+    num_timesteps, sequence_length, _ = sequence_layout(spec)
+    kind = getattr(get_class(cfg["sampler"]["_target_"]), "kind", cfg["sampler"]["_target_"])
+    try:
+        sampler = instantiate(cfg["sampler"], _convert_="all")
+        sampler.validate(num_timesteps, sequence_length)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"sampler={kind} on model={spec.name} ({num_timesteps} timesteps, {sequence_length} "
+                          f"tokens): {err}") from err
+    return sampler
+
+
+def student_reference(cfg: dict[str, Any], spec: Any) -> str:
+    """The student checkpoint to load; a local file must exist (checked before anything is loaded)."""
+    reference = cfg["student"]["checkpoint"]
+    if reference == "preset":
+        reference = spec.student.checkpoint
+        if reference is None:
+            raise ConfigError(f"student.checkpoint=preset, but preset {spec.name} names no student checkpoint; "
+                              + EXPORT_HINT.format(name=spec.name))
+    reference = str(reference)
+    if reference.startswith(("hf://", "random:")):
+        return reference
+    if not Path(reference).expanduser().is_file():
+        raise ConfigError(f"student checkpoint {reference} not found. Pass student.checkpoint=<file>, "
+                          f"student.checkpoint=preset for the preset's own DD weights, or "
+                          + EXPORT_HINT.format(name=spec.name))
+    return reference
+
+
+def validate(cfg: dict[str, Any]) -> tuple[Any, EvalSampler, MetricPlan]:
+    """Build the (weightless) preset spec and the sampler and check every setting; loads no model."""
+    from hydra.utils import instantiate
+
+    _check_counts(cfg)
+    refuse_multirun_with_ddp(cfg["trainer"], is_multirun())
+    spec = instantiate(cfg["model"], _convert_="all")
+    _, _, num_classes = sequence_layout(spec)
+    _check_labels(cfg["labels"], num_classes)
+    sampler = _build_sampler(cfg, spec)
+    if sampler.needs_student:
+        student_reference(cfg, spec)
+    try:
+        plan = resolve_metric_plan(cfg["metrics"], num_classes)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"metrics: {err}") from err
+    return spec, sampler, plan
+
+
+# -- models ----------------------------------------------------------------------------------------------------
+def build_models(cfg: dict[str, Any], spec: Any, sampler: EvalSampler) -> EvalModels:
+    """Tokenizer, teacher (weights only when the sampler runs it; otherwise a shape-only meta module) and student."""
+    from dd.models.llamagen import LlamaGenFamily, build_teacher
+
+    dtype = _DTYPES[cfg.get("teacher_dtype")]
+    if sampler.needs_teacher:
+        family = spec.build_family(teacher_dtype=dtype)
+    else:
+        family = LlamaGenFamily(spec.build_tokenizer(), build_teacher(device="meta", **spec.teacher.arch),
+                                name=spec.name, teacher_dtype=dtype)
+    student = None
+    if sampler.needs_student:
+        student = spec.build_student(family.codebook(), init="checkpoint", checkpoint=student_reference(cfg, spec),
+                                     checkpoint_key=cfg["student"].get("checkpoint_key")).eval()
+    return EvalModels(family, student)
+
+
+def checksums(cfg: dict[str, Any], spec: Any, models: EvalModels, sampler: EvalSampler) -> dict[str, Any]:
+    """File and weight checksums of everything that shaped the samples."""
+    from dd.pairs.shards import file_sha256, state_dict_sha256
+
+    family = models.family
+    result: dict[str, Any] = {"tokenizer": {"checkpoint": spec.tokenizer.checkpoint,
+                                            "state_dict_sha256": state_dict_sha256(family.tokenizer)}}
+    if sampler.needs_teacher:
+        result["teacher"] = {"checkpoint": spec.teacher.checkpoint, "state_dict_sha256": state_dict_sha256(family.teacher)}
+    if models.student is not None:
+        reference = student_reference(cfg, spec)
+        path = Path(reference).expanduser()
+        result["student"] = {"checkpoint": reference, "file_sha256": file_sha256(path) if path.is_file() else None,
+                             "state_dict_sha256": state_dict_sha256(models.student)}
+    return result
+
+
+# -- run -------------------------------------------------------------------------------------------------------
+def _class_names(plan: MetricPlan, num_classes: int) -> tuple[str, ...] | None:
+    from dd.data.fashion_mnist import FASHION_MNIST_CLASSES
+
+    fmnist = plan.extractor == FMNIST_EXTRACTOR and num_classes == len(FASHION_MNIST_CLASSES)
+    return FASHION_MNIST_CLASSES if fmnist else None
+
+
+def _sample(cfg: dict[str, Any], models: EvalModels, sampler: EvalSampler, out: Path) -> Any:
+    """Trainer.predict over batches of sample indices; returns the trainer."""
+    import lightning as L
+
+    from dd.tasks.eval_sampling import EvalSampleWriter, EvalSamplingTask, batch_ranges
+
+    ranges = batch_ranges(int(cfg["num_samples"]), int(cfg["batch_size"]))
+    task = EvalSamplingTask(models, sampler, int(cfg["seed_base"]), cfg["labels"], ranges)
+    writer = EvalSampleWriter(out, bool(cfg.get("write_images", True)), int(cfg["num_samples"]))
+    trainer = L.Trainer(**cfg["trainer"], logger=False, callbacks=[writer], enable_progress_bar=False,
+                        use_distributed_sampler=False, enable_checkpointing=False, enable_model_summary=False)
+    trainer.predict(task, return_predictions=False)
+    return trainer
+
+
+def _report(cfg: dict[str, Any], spec: Any, sampler: EvalSampler, plan: MetricPlan, sums: dict[str, Any],
+            assembled: Any, steps: int, quality: dict[str, Any], wall_s: float) -> dict[str, Any]:
+    from dd.evaluation.report import fid_proxy_reason, timing_summary
+
+    num_samples, seed_base = int(cfg["num_samples"]), int(cfg["seed_base"])
+    num_timesteps, sequence_length, num_classes = sequence_layout(spec)
+    proxy = fid_proxy_reason(num_samples, plan.extractor)
+    return {
+        "task": "eval", "created_at": dt.datetime.now().isoformat(timespec="seconds"),
+        "model": {"preset": spec.name, "family": spec.family, "num_timesteps": num_timesteps,
+                  "sequence_length": sequence_length, "num_classes": num_classes, "image_size": spec.image_size},
+        "sampler": sampler.describe(), "steps": steps,
+        "num_samples": num_samples, "batch_size": int(cfg["batch_size"]), "seed_base": seed_base,
+        "seed_range": [seed_base, seed_base + num_samples - 1], "labels": cfg["labels"],
+        "label_counts": [int((assembled.labels == c).sum()) for c in range(num_classes)],
+        "teacher_dtype": cfg.get("teacher_dtype"), "trainer": cfg["trainer"], "checksums": sums,
+        "reference": {"path": plan.reference, "sha256": plan.reference_sha256,
+                      "num_samples": plan.reference_num_samples, "prc_reference": plan.prc_reference},
+        "metrics_settings": plan.describe(), "metrics": quality,
+        "fid_is_proxy": proxy is not None, "fid_proxy_reason": proxy,
+        "timing": timing_summary(assembled.batches) | {"total_wall_s": wall_s},
+        "torch_version": torch.__version__,
+    }
+
+
+def run(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate the sampler a resolved config describes; returns the metrics.json payload ({} on ranks > 0)."""
+    from dd.evaluation import outputs
+    from dd.evaluation.quality import compute_quality
+    from dd.evaluation.report import check_model_evals
+
+    spec, sampler, plan = validate(cfg)
+    out = Path(cfg["output_dir"])
+    if is_rank_zero():
+        outputs.clear_outputs(out)
+        save_resolved_config(out, cfg)
+    models = build_models(cfg, spec, sampler)
+    sums = checksums(cfg, spec, models, sampler)
+    start = time.perf_counter()
+    trainer = _sample(cfg, models, sampler, out)
+    wall_s = time.perf_counter() - start
+    if not trainer.is_global_zero:
+        return {}
+    num_timesteps, _, num_classes = sequence_layout(spec)
+    assembled = outputs.assemble_parts(out, int(cfg["num_samples"]))
+    steps = check_model_evals(assembled.batches, sampler.steps(num_timesteps))
+    outputs.write_samples_npz(out / outputs.SAMPLES_FILE, assembled.images, assembled.labels)
+    grid = cfg.get("grid", {})
+    outputs.make_grid(assembled.images, assembled.labels, num_classes, _class_names(plan, num_classes),
+                      int(grid.get("max_rows", 10)), int(grid.get("per_row", 10))).save(out / outputs.GRID_FILE)
+    quality = compute_quality(assembled.images, assembled.labels, plan, trainer.strategy.root_device)
+    payload = _report(cfg, spec, sampler, plan, sums, assembled, steps, quality, wall_s)
+    outputs.write_json(out / outputs.METRICS_FILE, payload)
+    del assembled
+    outputs.remove_intermediates(out)
+    return payload
+
+
+def _log_summary(payload: dict[str, Any]) -> None:
+    metrics, timing = payload["metrics"], payload["timing"]
+    log.info("%s: %d samples, #Step %d, FID %s%s, label accuracy %s, sampling %.4g s/img, decode %.4g s/img",
+             payload["sampler"]["name"], payload["num_samples"], payload["steps"], metrics.get("fid"),
+             " (proxy)" if payload["fid_is_proxy"] else "", metrics.get("label_accuracy"),
+             timing["sampling_s_per_image"], timing["decode_s_per_image"])
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        cfg.output_dir = hydra_cfg.runtime.output_dir  # each sweep job in its own subfolder
+    try:
+        payload = run(OmegaConf.to_container(cfg, resolve=True))
+    except ConfigError as err:
+        log.error("%s", err)
+        sys.exit(f"dd.eval: {err}")
+    if payload:
+        _log_summary(payload)
+        log.info("wrote %s", cfg.output_dir)
+
+
+if __name__ == "__main__":
+    main()

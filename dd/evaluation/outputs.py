@@ -1,0 +1,187 @@
+"""Files of an evaluation run (``<output_dir>/``):
+
+* ``images/000000.png`` ... one PNG per sample, named by its global sample index (seed = seed_base + index);
+* ``samples.npz``: ``arr_0`` uint8 (N, H, W, 3) and ``labels`` int64 (N,), the layout the ADM evaluator reads;
+* ``grid.png``: a labelled sample grid (see :func:`make_grid` for the layout);
+* ``metrics.json``: settings, counts, seeds, checksums, #Step, timings and quality metrics;
+* ``config.json``: the resolved config.
+
+Workers write one ``parts/part_<first>.pt`` per batch (uint8 images, labels, seeds, timings); rank 0 assembles
+them with :func:`assemble_parts`, which refuses duplicated or missing samples.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from dd.evaluation.batches import EvalBatch
+
+IMAGES_DIR = "images"
+PARTS_DIR = "parts"
+SAMPLES_FILE = "samples.npz"
+GRID_FILE = "grid.png"
+METRICS_FILE = "metrics.json"
+_OUTPUT_NAMES = (IMAGES_DIR, PARTS_DIR, SAMPLES_FILE, GRID_FILE, METRICS_FILE, "samples_tmp.npy")
+
+
+def image_path(directory: Path, index: int) -> Path:
+    return Path(directory) / IMAGES_DIR / f"{index:06d}.png"
+
+
+def clear_outputs(directory: Path) -> None:
+    """Remove the outputs of an earlier run in ``directory`` (re-running an evaluation overwrites it)."""
+    for name in _OUTPUT_NAMES:
+        path = Path(directory) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def write_batch(directory: Path, batch: EvalBatch, write_pngs: bool, rank: int = 0) -> Path:
+    """PNG per sample (optional) plus the batch's part file; returns the part path."""
+    directory = Path(directory)
+    if write_pngs:
+        (directory / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+        for index, image in zip(batch.indices.tolist(), batch.images.numpy()):
+            Image.fromarray(image).save(image_path(directory, index))
+    parts = directory / PARTS_DIR
+    parts.mkdir(parents=True, exist_ok=True)
+    path = parts / f"part_{int(batch.indices[0]):07d}.pt"
+    payload = {"indices": batch.indices, "seeds": batch.seeds, "labels": batch.labels, "images": batch.images,
+               "model_evals": batch.model_evals, "sampling_s": batch.sampling_s, "decode_s": batch.decode_s,
+               "rank": rank}
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return path
+
+
+@dataclass(frozen=True)
+class AssembledSamples:
+    """images uint8 (N, H, W, 3) (a read-only memory map of ``samples_tmp.npy``), labels/seeds int64 (N,);
+    batches: per-batch (count, sampling_s, decode_s, rank, model_evals) in file order."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    seeds: np.ndarray
+    batches: list[dict[str, Any]]
+
+
+def assemble_parts(directory: Path, num_samples: int) -> AssembledSamples:
+    """Gather every part file into one memory-mapped array; every index 0..num_samples-1 exactly once."""
+    directory = Path(directory)
+    files = sorted((directory / PARTS_DIR).glob("part_*.pt"))
+    if not files:
+        raise RuntimeError(f"no sample parts found in {directory / PARTS_DIR}")
+    seen = np.zeros(num_samples, dtype=bool)
+    labels, seeds = np.full(num_samples, -1, np.int64), np.full(num_samples, -1, np.int64)
+    images: np.ndarray | None = None
+    batches = []
+    for file in files:
+        part = torch.load(file, map_location="cpu", weights_only=True)
+        index = part["indices"].numpy()
+        if index.min() < 0 or index.max() >= num_samples or seen[index].any():
+            raise RuntimeError(f"{file}: sample indices duplicated or outside 0..{num_samples - 1}")
+        if images is None:
+            images = np.lib.format.open_memmap(directory / "samples_tmp.npy", mode="w+", dtype=np.uint8,
+                                               shape=(num_samples, *part["images"].shape[1:]))
+        images[index] = part["images"].numpy()
+        labels[index], seeds[index], seen[index] = part["labels"].numpy(), part["seeds"].numpy(), True
+        batches.append({k: part[k] for k in ("sampling_s", "decode_s", "rank", "model_evals")}
+                       | {"count": len(index)})
+    if not seen.all():
+        raise RuntimeError(f"{int((~seen).sum())} of {num_samples} samples missing from {directory / PARTS_DIR}")
+    images.flush()
+    return AssembledSamples(np.load(directory / "samples_tmp.npy", mmap_mode="r"), labels, seeds, batches)
+
+
+def remove_intermediates(directory: Path) -> None:
+    """Delete the part files and the temporary memory map once ``samples.npz`` and the metrics exist."""
+    shutil.rmtree(Path(directory) / PARTS_DIR, ignore_errors=True)
+    (Path(directory) / "samples_tmp.npy").unlink(missing_ok=True)
+
+
+def write_samples_npz(path: Path, images: np.ndarray, labels: np.ndarray) -> Path:
+    """``arr_0`` uint8 (N, H, W, 3) + ``labels`` int64 (N,), uncompressed (``np.savez`` streams a memory map)."""
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected uint8 (N, H, W, 3) images, got {images.dtype} {images.shape}")
+    tmp = Path(path).with_suffix(".tmp.npz")
+    np.savez(tmp, arr_0=images, labels=labels.astype(np.int64))
+    tmp.replace(path)
+    return Path(path)
+
+
+def read_samples_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(path, allow_pickle=False) as archive:
+        return archive["arr_0"], archive["labels"]
+
+
+def _font() -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=12)
+    except TypeError:  # Pillow < 10.1 has no size argument
+        return ImageFont.load_default()
+
+
+def _grid_selection(labels: np.ndarray, num_classes: int, max_rows: int, per_row: int) -> list[tuple[int, list[int]]]:
+    """(row label or -1, sample indices) per row."""
+    if num_classes <= max_rows:
+        rows = [(c, np.flatnonzero(labels == c)[:per_row].tolist()) for c in range(num_classes)]
+        return [(c, idx) for c, idx in rows if idx]
+    first = list(range(min(len(labels), max_rows * per_row)))
+    return [(-1, first[i:i + per_row]) for i in range(0, len(first), per_row)]
+
+
+def make_grid(images: np.ndarray, labels: np.ndarray, num_classes: int, class_names: Sequence[str] | None = None,
+              max_rows: int = 10, per_row: int = 10) -> Image.Image:
+    """A labelled grid of samples (uint8 (N, H, W, 3), labels (N,)).
+
+    Few classes (num_classes <= max_rows): one row per class in class order, the first ``per_row`` samples of that
+    class by sample index, the class id (and name) written in a margin on the left. Many classes: the first
+    ``max_rows * per_row`` samples in sample-index order, ``per_row`` per row, each tile's class id written in its
+    top-left corner.
+    """
+    rows = _grid_selection(labels, num_classes, max_rows, per_row)
+    h, w = images.shape[1:3]
+    by_class = num_classes <= max_rows
+    margin = 110 if by_class else 0
+    canvas = Image.new("RGB", (margin + per_row * w, max(1, len(rows)) * h), "white")
+    draw, font = ImageDraw.Draw(canvas), _font()
+    for r, (label, indices) in enumerate(rows):
+        for c, index in enumerate(indices):
+            canvas.paste(Image.fromarray(images[index]), (margin + c * w, r * h))
+            if not by_class:
+                draw.text((c * w + 2, r * h + 1), str(int(labels[index])), fill="yellow", font=font,
+                          stroke_width=1, stroke_fill="black")
+        if by_class:
+            name = f": {class_names[label]}" if class_names is not None and label < len(class_names) else ""
+            draw.text((3, r * h + max(0, h // 2 - 7)), f"class {label}{name}", fill="black", font=font)
+    return canvas
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> Path:
+    path = Path(path)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+    tmp.replace(path)
+    return path
+
+
+def npz_is_readable(path: Path) -> bool:
+    """True when ``path`` is a complete ``.npz`` (used by tests and the summary script)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return {"arr_0.npy", "labels.npy"} <= set(archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False

@@ -1,0 +1,256 @@
+"""Evaluation: config composition of every sampler/schedule, validation before model loading, CPU smoke runs of
+the three samplers on gpt_test, #Step counts, batch-size independence, a Hydra multirun and the sweep summary."""
+
+from __future__ import annotations
+
+import ast
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from PIL import Image
+
+import dd.eval as dd_eval
+from dd.evaluation.outputs import read_samples_npz
+from dd.evaluation.samplers import FewStepSampler, TeacherInvolvedSampler, TeacherSampler
+from dd.models.llamagen import LlamaGenSpec, make_spec
+from dd.runs import ConfigError
+
+from conftest import REPO_ROOT
+
+CONFIGS = REPO_ROOT / "configs"
+SAMPLERS = sorted(p.stem for p in (CONFIGS / "sampler").glob("*.yaml"))
+SCHEDULES = sorted(p.stem for p in (CONFIGS / "schedule").glob("*.yaml"))
+METRICS_KEYS = {"task", "model", "sampler", "steps", "num_samples", "batch_size", "seed_base", "seed_range", "labels",
+                "checksums", "reference", "metrics", "fid_is_proxy", "fid_proxy_reason", "timing", "metrics_settings"}
+NO_METRICS = ["metrics.enabled=false"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    """The gpt_test models are tiny: with 2 intra-op threads on 2 shared, busy cores every matmul waits for a spinning
+    OpenMP peer (measured 100x slower under load), so these tests run single-threaded (subprocesses too)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+
+def compose_cfg(overrides: list[str]) -> dict:
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("eval", overrides=overrides)
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+@pytest.fixture(scope="module")
+def student_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A teacher-initialised gpt_test student in the exported layout {'ema': ..., 'model': ...}."""
+    spec = make_spec(**yaml.safe_load((CONFIGS / "model" / "gpt_test.yaml").read_text()))
+    family = spec.build_family()
+    student = spec.build_student(family.codebook(), init="teacher", teacher=family.teacher)
+    path = tmp_path_factory.mktemp("student") / "student_ema.pt"
+    torch.save({"ema": student.state_dict(), "model": student.state_dict()}, path)
+    return path
+
+
+def _overrides(out: Path, ckpt: Path, *extra: str, num_samples: int = 6, batch_size: int = 4) -> list[str]:
+    return ["model=gpt_test", f"student.checkpoint={ckpt}", f"output_dir={out}", f"num_samples={num_samples}",
+            f"batch_size={batch_size}", *extra]
+
+
+# -- composition ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("model", ["gpt_test", "gpt_tiny", "gpt_b", "gpt_l"])
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_every_sampler_composes_instantiates_and_validates(sampler: str, model: str) -> None:
+    cfg = compose_cfg([f"sampler={sampler}", f"model={model}", "teacher_start_t=1", "output_dir=/tmp/unused"])
+    built = instantiate(cfg["sampler"], _convert_="all")
+    assert built.kind == sampler and cfg["run_name"].startswith(f"{model}_{sampler}")
+    spec = instantiate(cfg["model"], _convert_="all")
+    num_timesteps, length, _ = dd_eval.sequence_layout(spec)
+    built.validate(num_timesteps, length)
+    if sampler != "teacher":
+        assert list(built.t_list) == list(spec.default_t_list) and built.split_t == spec.default_split_t
+    if sampler != "fewstep":
+        assert built.sampling == spec.sampling
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_every_schedule_composes_for_the_256_token_presets(schedule: str) -> None:
+    cfg = compose_cfg([f"schedule={schedule}", "model=gpt_l", "output_dir=/tmp/unused"])
+    sampler = instantiate(cfg["sampler"], _convert_="all")
+    sampler.validate(256, 256)
+    assert cfg["sampler"]["t_list"] == cfg["schedule"]["t_list"]
+
+
+def test_run_names_tell_settings_apart() -> None:
+    names = {compose_cfg(o + ["output_dir=/tmp/unused"])["run_name"] for o in (
+        ["sampler=fewstep"], ["sampler=fewstep", "schedule=onestep"], ["sampler=teacher"],
+        ["sampler=teacher_involved", "teacher_start_t=4"], ["sampler=teacher_involved", "teacher_start_t=8"])}
+    assert len(names) == 5
+    assert compose_cfg(["output_dir=/tmp/unused"])["student"]["checkpoint"] == \
+        "outputs/train/gpt_tiny/export/student_ema.pt"
+
+
+def test_sampler_step_counts() -> None:
+    assert FewStepSampler((0,), 8).steps(16) == 1
+    assert FewStepSampler((0, 8), 8).steps(16) == 2
+    assert TeacherInvolvedSampler((0, 80), 180, 60).steps(256) == 22  # Table 2: pre-trained-61-81
+    assert TeacherInvolvedSampler((0, 80), 180, 40).steps(256) == 42
+    assert TeacherInvolvedSampler((0, 80), 220, 0).steps(256) == 81
+    assert TeacherSampler().steps(256) == 256
+
+
+def test_evaluation_core_imports_no_lightning_or_hydra() -> None:
+    for path in (REPO_ROOT / "dd" / "evaluation").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        assert not [m for m in names if m.split(".")[0] in ("lightning", "hydra", "omegaconf")], path
+
+
+# -- validation before any model is loaded -------------------------------------------------------------------------
+@pytest.fixture
+def no_model_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a model was loaded before validation finished")
+
+    for name in ("build_family", "build_tokenizer", "build_teacher", "build_student"):
+        monkeypatch.setattr(LlamaGenSpec, name, refuse)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["sampler=teacher_involved", "teacher_start_t=40"], "valid range 0..23"),  # gpt_tiny: t_list [0, 24]
+    (["sampler=teacher_involved", "teacher_start_t=24"], "valid range 0..23"),
+    (["sampler=teacher_involved", "teacher_start_t=-1"], "valid range 0..23"),
+    (["sampler=teacher_involved", "schedule=onestep"], "exactly two timesteps"),
+    (["schedule.t_list=[0,30,20]"], "strictly increasing"),
+    (["schedule.t_list=[4,30]"], "must start with 0"),
+    (["schedule.t_list=[0,64]"], "valid: 0..63"),
+    (["schedule.split_t=65"], "valid range 0..64"),
+    (["num_samples=0"], "num_samples=0"),
+    (["labels=[3,12]"], "0..9"),
+    (["teacher_dtype=int8"], "teacher_dtype"),
+    (["metrics.reference=/nonexistent/statistic.pth"], "not found"),
+])
+def test_impossible_settings_fail_before_any_model_is_loaded(overrides: list[str], message: str,
+                                                             no_model_loading: None, tmp_path: Path) -> None:
+    cfg = compose_cfg([*overrides, f"output_dir={tmp_path / 'out'}", "student.checkpoint=random:0"])
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.")):
+        dd_eval.run(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_student_checkpoint_names_the_path_and_the_command(no_model_loading: None, tmp_path: Path) -> None:
+    cfg = compose_cfg(["sampler=fewstep", f"output_dir={tmp_path}"])
+    with pytest.raises(ConfigError) as err:
+        dd_eval.run(cfg)
+    text = str(err.value)
+    assert "outputs/train/gpt_tiny/export/student_ema.pt" in text and "python -m dd.train model=gpt_tiny" in text
+
+
+def test_teacher_sampler_needs_no_student_checkpoint(no_model_loading: None, tmp_path: Path) -> None:
+    spec, sampler, plan = dd_eval.validate(compose_cfg(["sampler=teacher", f"output_dir={tmp_path}"]))
+    assert sampler.kind == "teacher" and plan.label_accuracy and plan.extractor == "dd-fmnist-classifier"
+
+
+# -- CPU smoke runs on gpt_test ------------------------------------------------------------------------------------
+def _check_outputs(out: Path, payload: dict, num_samples: int) -> None:
+    assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(payload, default=str))
+    assert METRICS_KEYS <= set(payload)
+    assert sorted(p.name for p in (out / "images").glob("*.png")) == [f"{i:06d}.png" for i in range(num_samples)]
+    images, labels = read_samples_npz(out / "samples.npz")
+    size = images.shape[1]  # gpt_test: 4x4 tokens, 4x upsampling decoder -> 16 px
+    assert images.dtype == np.uint8 and images.shape == (num_samples, size, size, 3) and labels.shape == (num_samples,)
+    assert np.array_equal(np.asarray(Image.open(out / "images" / "000001.png")), images[1])
+    assert Image.open(out / "grid.png").size[1] == size * len(set(labels.tolist()))  # one row per class present
+    assert not (out / "parts").exists() and not (out / "samples_tmp.npy").exists()
+    assert payload["seed_range"] == [0, num_samples - 1] and payload["fid_is_proxy"]
+    timing = payload["timing"]
+    assert timing["sampling_s_per_image"] > 0 and timing["decode_s_per_image"] > 0
+    assert payload["checksums"]["tokenizer"]["state_dict_sha256"]
+
+
+@pytest.mark.parametrize("extra, steps", [
+    (["sampler=fewstep", "schedule=onestep"], 1),
+    (["sampler=fewstep"], 2),  # gpt_test t_list [0, 8]
+    (["sampler=teacher_involved", "teacher_start_t=3"], 1 + (8 - 3) + 1),
+    (["sampler=teacher_involved", "teacher_start_t=0"], 8 + 1),
+    (["sampler=teacher"], 16),
+])
+def test_smoke_run_of_each_sampler(extra: list[str], steps: int, student_ckpt: Path, tmp_path: Path) -> None:
+    payload = dd_eval.run(compose_cfg(_overrides(tmp_path, student_ckpt, *extra, *NO_METRICS)))
+    _check_outputs(tmp_path, payload, 6)
+    assert payload["steps"] == steps
+    assert ("student" in payload["checksums"]) == (payload["sampler"]["kind"] != "teacher")
+    assert ("teacher" in payload["checksums"]) == (payload["sampler"]["kind"] != "fewstep")
+    if payload["sampler"]["kind"] != "teacher":
+        assert len(payload["checksums"]["student"]["file_sha256"]) == 64
+
+
+def test_metrics_are_computed_and_recorded(student_ckpt: Path, tmp_path: Path) -> None:
+    payload = dd_eval.run(compose_cfg(_overrides(tmp_path, student_ckpt, "metrics.label_accuracy=true",
+                                                 "metrics.prc_max_real=300", num_samples=12, batch_size=12)))
+    metrics = payload["metrics"]
+    assert metrics["fid"] is not None and metrics["fid"] > 0, metrics["errors"]
+    assert metrics["isc_mean"] is not None and 0 <= metrics["label_accuracy"] <= 1
+    assert metrics["precision"] is not None and metrics["recall"] is not None
+    assert payload["reference"]["sha256"] and payload["reference"]["path"].endswith("fmnist_test_stats.pt")
+    assert "12 < 50000 samples" in payload["fid_proxy_reason"]
+
+
+def test_samples_do_not_depend_on_batch_size(student_ckpt: Path, tmp_path: Path) -> None:
+    arrays = []
+    for batch_size in (2, 3):
+        out = tmp_path / f"bs{batch_size}"
+        dd_eval.run(compose_cfg(_overrides(out, student_ckpt, "sampler=teacher_involved", "teacher_start_t=3",
+                                           "write_images=false", *NO_METRICS, num_samples=5, batch_size=batch_size)))
+        arrays.append(read_samples_npz(out / "samples.npz"))
+    assert np.array_equal(arrays[0][0], arrays[1][0]) and np.array_equal(arrays[0][1], arrays[1][1])
+    assert len({a.tobytes() for a in arrays[0][0]}) == 5  # samples differ from each other
+
+
+# -- multirun + sweep summary ----------------------------------------------------------------------------------
+def test_multirun_sweep_and_summary(student_ckpt: Path, tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    command = [sys.executable, "-m", "dd.eval", "-m", "model=gpt_test", "sampler=teacher_involved",
+               "teacher_start_t=0,4", f"student.checkpoint={student_ckpt}", "num_samples=4", "batch_size=4",
+               "metrics.prc_reference=null", "metrics.label_accuracy=true", f"hydra.sweep.dir={sweep}"]
+    result = subprocess.run(command, cwd=tmp_path, env=_env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = {json.loads((sweep / str(i) / "metrics.json").read_text())["steps"] for i in (0, 1)}
+    assert steps == {9, 1 + (8 - 4) + 1}
+    summary = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "summarize_sweep.py"), str(sweep)],
+                             env=_env(), capture_output=True, text=True)
+    assert summary.returncode == 0, summary.stderr
+    rows = list(csv.DictReader((sweep / "summary.csv").open()))
+    assert [int(r["steps"]) for r in rows] == [6, 9] and all(r["fid"] for r in rows)
+    assert (sweep / "summary.md").read_text().count("\n") == 4
+    assert Image.open(sweep / "summary.png").size == (960, 400)
+
+
+@pytest.mark.slow
+def test_two_cpu_ranks_write_the_same_samples_as_one(student_ckpt: Path, tmp_path: Path) -> None:
+    outputs = {}
+    for devices in (1, 2):
+        out = tmp_path / f"d{devices}"
+        command = [sys.executable, "-m", "dd.eval", *_overrides(out, student_ckpt, "sampler=teacher_involved",
+                   "teacher_start_t=3", f"trainer.devices={devices}", *NO_METRICS, num_samples=7, batch_size=2)]
+        result = subprocess.run(command, cwd=tmp_path, env=_env(), capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs[devices] = read_samples_npz(out / "samples.npz")
+        assert json.loads((out / "metrics.json").read_text())["timing"]["num_ranks"] == devices
+    assert np.array_equal(outputs[1][0], outputs[2][0]) and np.array_equal(outputs[1][1], outputs[2][1])
