@@ -31,14 +31,6 @@ EXPORT_HINT = ("train and export one with `python -m dd.generate_pairs model={na
 _DTYPES = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _join(values: Any, separator: str = "-") -> str:
-    """``${dd.join:${schedule.t_list}}`` -> "0-24": run names that tell sampler settings apart."""
-    return separator.join(str(v) for v in values)
-
-
-OmegaConf.register_new_resolver("dd.join", _join, replace=True)
-
-
 # -- validation (no model is loaded here) ----------------------------------------------------------------------
 def _check_counts(cfg: dict[str, Any]) -> None:
     for key in ("num_samples", "batch_size"):
