@@ -31,7 +31,7 @@ def pairs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _train_overrides(pairs: Path, out: Path, **extra: object) -> list[str]:
-    base = {"model": "gpt_test", "schedule": "test", "data.pairs_dir": str(pairs), "output_dir": str(out),
+    base = {"model": "gpt_test", "data.pairs_dir": str(pairs), "output_dir": str(out),
             "max_steps": 24, "batch_size": 16, "val_every_steps": 12, "ckpt_every": 6, "log_every": 1,
             "optim.warmup_steps": 4, "limit_val_batches": 2}
     base.update(extra)
