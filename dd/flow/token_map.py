@@ -225,6 +225,7 @@ class _Codebook:
         self.c = codebook.to(device=device, dtype=dtype).contiguous()
         self.ct = self.c.t().contiguous()
         self.sq = (self.c * self.c).sum(dim=1)
+        self.ct_aug = torch.cat([self.ct, self.sq[None, :]], dim=0).contiguous()  # (d + 1, V)
 
 
 def _posterior_mean_rows(
@@ -237,14 +238,11 @@ def _posterior_mean_rows(
     V = cb.c.shape[0]
     vb = V if vocab_chunk_size is None or vocab_chunk_size >= V else vocab_chunk_size
 
-    if vb == V:  # single block: plain max-subtracted softmax
-        logits = torch.addmm(log_probs, x, cb.ct, beta=1.0, alpha=alpha)
-        if beta != 0.0:
-            logits.add_(cb.sq, alpha=beta)
-        m = logits.amax(dim=1, keepdim=True)
-        logits.sub_(m).exp_()  # -inf -> exactly 0
-        denom = logits.sum(dim=1, keepdim=True)
-        return (logits @ cb.c).div_(denom)
+    if vb == V:  # single block: one affine matmul + fused softmax + matmul (3 passes over the (n, V) block)
+        # [alpha * x, beta] @ [c^T; ||c||^2] folds both distance terms into one addmm
+        x_aug = torch.cat([x * alpha, x.new_full((x.shape[0], 1), beta)], dim=1)
+        logits = torch.addmm(log_probs, x_aug, cb.ct_aug)
+        return torch.softmax(logits, dim=1) @ cb.c  # -inf entries get weight exactly 0
 
     # column streaming (online softmax): running max m, running sum s, running numerator acc
     n = x.shape[0]
