@@ -105,6 +105,10 @@ def validate(cfg: dict[str, Any]) -> tuple[Any, EvalSampler, MetricPlan]:
         plan = resolve_metric_plan(cfg["metrics"], num_classes)
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"metrics: {err}") from err
+    if plan.enabled and cfg["metrics"].get("reference") == "bundled" and num_classes != 10:
+        log.warning("metrics.reference=bundled is the Fashion-MNIST test set, unrelated to %d-class model %s: pass "
+                    "metrics.reference=<statistic.pth> (the DD ImageNet-256 statistics) for a meaningful FID",
+                    num_classes, spec.name)
     return spec, sampler, plan
 
 
@@ -240,9 +244,11 @@ def main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode == RunMode.MULTIRUN:
         cfg.output_dir = hydra_cfg.runtime.output_dir  # each sweep job in its own subfolder
+    from dd.checkpoint import CheckpointError
+
     try:
         payload = run(OmegaConf.to_container(cfg, resolve=True))
-    except ConfigError as err:
+    except (ConfigError, CheckpointError) as err:
         log.error("%s", err)
         sys.exit(f"dd.eval: {err}")
     if payload:

@@ -219,8 +219,17 @@ def test_samples_do_not_depend_on_batch_size(student_ckpt: Path, tmp_path: Path)
         dd_eval.run(compose_cfg(_overrides(out, student_ckpt, "sampler=teacher_involved", "teacher_start_t=3",
                                            "write_images=false", *NO_METRICS, num_samples=5, batch_size=batch_size)))
         arrays.append(read_samples_npz(out / "samples.npz"))
-    assert np.array_equal(arrays[0][0], arrays[1][0]) and np.array_equal(arrays[0][1], arrays[1][1])
+    _assert_same_samples(arrays[0], arrays[1])
     assert len({a.tobytes() for a in arrays[0][0]}) == 5  # samples differ from each other
+
+
+def _assert_same_samples(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> None:
+    """Same labels and the same images up to float rounding of batched kernels: BLAS/conv kernels chosen per batch
+    shape (and buffer alignment) may move a rare pixel by one uint8 level; any different token or noise would
+    change whole patches."""
+    assert np.array_equal(a[1], b[1])
+    difference = np.abs(a[0].astype(np.int16) - b[0].astype(np.int16))
+    assert difference.max() <= 1 and (difference > 0).mean() < 1e-3, (difference.max(), (difference > 0).mean())
 
 
 # -- multirun + sweep summary ----------------------------------------------------------------------------------
@@ -253,4 +262,21 @@ def test_two_cpu_ranks_write_the_same_samples_as_one(student_ckpt: Path, tmp_pat
         assert result.returncode == 0, result.stderr[-3000:]
         outputs[devices] = read_samples_npz(out / "samples.npz")
         assert json.loads((out / "metrics.json").read_text())["timing"]["num_ranks"] == devices
-    assert np.array_equal(outputs[1][0], outputs[2][0]) and np.array_equal(outputs[1][1], outputs[2][1])
+    _assert_same_samples(outputs[1], outputs[2])
+
+
+def test_speed_benchmark_script_runs_on_the_test_preset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_speed", REPO_ROOT / "scripts" / "bench_speed.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_speed", bench)  # dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    out = tmp_path / "speed.md"
+    monkeypatch.setattr(sys, "argv", ["bench_speed.py", "--device", "cpu", "--sizes", "gpt_test", "--batches", "1,2",
+                                      "--repeats", "1", "--warmup", "0", "--teacher-start", "3", "--threads", "1",
+                                      "--out", str(out)])
+    bench.main()
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| gpt_test")]
+    assert len(rows) == 8 and [r.split(" | ")[3] for r in rows[:4]] == ["16", "1", "2", "7"]
+    assert rows[0].endswith("| 1.0x | 1.0x |")

@@ -78,8 +78,10 @@ class AssembledSamples:
     batches: list[dict[str, Any]]
 
 
-def assemble_parts(directory: Path, num_samples: int) -> AssembledSamples:
-    """Gather every part file into one memory-mapped array; every index 0..num_samples-1 exactly once."""
+def assemble_parts(directory: Path, num_samples: int, delete_parts: bool = True) -> AssembledSamples:
+    """Gather every part file into one memory-mapped array; every index 0..num_samples-1 exactly once.
+
+    Each part is deleted once copied (``delete_parts``); a failed check leaves the run to be repeated anyway."""
     directory = Path(directory)
     files = sorted((directory / PARTS_DIR).glob("part_*.pt"))
     if not files:
@@ -100,6 +102,8 @@ def assemble_parts(directory: Path, num_samples: int) -> AssembledSamples:
         labels[index], seeds[index], seen[index] = part["labels"].numpy(), part["seeds"].numpy(), True
         batches.append({k: part[k] for k in ("sampling_s", "decode_s", "rank", "model_evals")}
                        | {"count": len(index)})
+        if delete_parts:
+            file.unlink()  # bounds the disk peak at 50k x 256 px: parts + memory map + npz would be 3 x 9.8 GB
     if not seen.all():
         raise RuntimeError(f"{int((~seen).sum())} of {num_samples} samples missing from {directory / PARTS_DIR}")
     images.flush()

@@ -1,0 +1,209 @@
+#!/usr/bin/env python
+"""Wall time per image: teacher AR sampling vs DD students (1 step, 2 steps, teacher-involved), side by side.
+
+For each model size (preset YAML, random weights: speed does not depend on the values) and batch size, times the
+exact code paths of ``dd.eval`` (``dd.evaluation.samplers``):
+
+* ``teacher``: the teacher's own AR loop over the whole sequence (static KV cache, CFG and top-k from the preset's
+  ``sampling``: cfg 2.0, top-k 8000 for GPT-B/L), seeded multinomial draws;
+* ``DD 1-step`` (t_list [0]), ``DD 2-step`` (the preset's t_list, [0, 80]) and ``DD teacher-involved`` (student step,
+  teacher regenerates timesteps s .. 79, student step at 80; s = ``--teacher-start``, default 60 = Table 2's
+  "pre-trained-61-81", 22 steps);
+* ``decode``: the VQ-16 decoder (256 px for GPT-B/L), reported separately and added for the "total" columns.
+
+Honest timing: inputs prepared beforehand, ``--warmup`` untimed runs per measurement, CUDA synchronised around every
+timed call, median of ``--repeats``. Per-image time = batch time / batch size (batch 1 = latency, as in the paper).
+
+    python scripts/bench_speed.py --quick                                   # CPU: GPT-B, batch 1 and 4
+    python scripts/bench_speed.py --device cuda --dtype bf16 --sizes gpt_b,gpt_l --batches 1,64 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from dd.evaluation.samplers import EvalModels, FewStepSampler, TeacherInvolvedSampler, TeacherSampler
+from dd.models.llamagen import LlamaGenFamily, build_student, build_teacher, build_tokenizer, make_spec
+from dd.models.llamagen.spec import random_weights
+from dd.sampling.seeds import per_sample_labels, per_sample_normal, per_sample_uniform, sample_seeds
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Row:
+    size: str
+    batch: int
+    method: str
+    steps: int
+    sampling_s: float  # per image, median over repeats
+    decode_s: float  # per image
+    runs: int
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
+    """Median wall time of ``fn`` over ``repeats`` timed calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def build_models(size: str, device: torch.device, dtype: torch.dtype | None, seed: int = 0):
+    """Preset spec, family (tokenizer + teacher) and student, all with seeded random weights, on ``device``."""
+    spec = make_spec(**yaml.safe_load((REPO / "configs" / "model" / f"{size}.yaml").read_text()))
+    tokenizer = build_tokenizer(**spec.tokenizer.arch)
+    teacher = build_teacher(**spec.teacher.arch)
+    for i, model in enumerate((tokenizer, teacher)):
+        random_weights(model, seed + i)
+    family = LlamaGenFamily(tokenizer.to(device).eval(), teacher.to(device).eval(), name=size, teacher_dtype=dtype)
+    student = build_student(codebook=family.codebook(), **spec.student_arch)
+    random_weights(student, seed + 2)
+    student.set_codebook(family.codebook())
+    return spec, family, student.to(device).eval()
+
+
+def methods(spec, teacher_start: int) -> list[tuple[str, object]]:
+    split, t_list = spec.default_split_t, tuple(spec.default_t_list)
+    num_timesteps = int(spec.teacher.arch["block_size"])
+    chosen = [("teacher", TeacherSampler(spec.sampling)),
+              ("DD 1-step", FewStepSampler((0,), split)),
+              (f"DD 2-step t={list(t_list)}", FewStepSampler(t_list, split)),
+              (f"DD teacher-involved s={teacher_start}",
+               TeacherInvolvedSampler(t_list, split, teacher_start, spec.sampling))]
+    for _, sampler in chosen:
+        sampler.validate(num_timesteps, num_timesteps)  # e.g. --teacher-start beyond t_list[1]
+    return chosen
+
+
+@torch.no_grad()
+def bench_size(size: str, batches: list[int], args: argparse.Namespace, device: torch.device) -> list[Row]:
+    dtype = torch.bfloat16 if args.dtype == "bf16" else None
+    spec, family, student = build_models(size, device, dtype)
+    models = EvalModels(family, student)
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype is not None)  # noqa: E731
+    rows = []
+    for batch in batches:
+        seeds = sample_seeds(0, 0, batch)
+        labels = per_sample_labels(seeds, family.num_classes).to(device)
+        noise = per_sample_normal(seeds, (family.sequence_length, family.token_dim), device=device)
+        uniforms = per_sample_uniform(seeds, family.sequence_length, device=device)
+        sequence = None
+        results = []
+        for name, sampler in methods(spec, args.teacher_start):
+            if name == "teacher" and args.skip_teacher:
+                continue
+            def run(sampler=sampler):
+                with autocast():
+                    return sampler.sample(models, labels, noise, uniforms)
+            seconds = median_seconds(run, device, args.warmup, args.repeats)
+            sequence = run().sequence if sequence is None else sequence
+            results.append((name, sampler.steps(family.num_timesteps), seconds))
+            print(f"  {size} batch {batch} {name}: {seconds / batch:.4g} s/img", flush=True)
+        def decode():
+            with autocast():
+                return family.decode(sequence)
+        decode_s = median_seconds(decode, device, args.warmup, args.repeats) / batch
+        print(f"  {size} batch {batch} decode: {decode_s:.4g} s/img", flush=True)
+        rows += [Row(size, batch, name, steps, seconds / batch, decode_s, args.repeats) for name, steps, seconds in results]
+    return rows
+
+
+def machine_description(device: torch.device, args: argparse.Namespace) -> list[str]:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    lines = [f"- date: {dt.datetime.now().isoformat(timespec='minutes')}",
+             f"- device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}",
+             f"- CPU: {cpu}, {os.cpu_count()} logical cores visible, torch threads {torch.get_num_threads()}",
+             f"- torch {torch.__version__}, dtype {args.dtype}"
+             + (" (autocast; teacher under autocast like dd.eval teacher_dtype=bfloat16)" if args.dtype == "bf16" else "")
+             + (f", TF32 {'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'}" if device.type == "cuda" else ""),
+             f"- warmup {args.warmup}, repeats {args.repeats} (median), weights random (speed does not depend on them)"]
+    if hasattr(os, "getloadavg"):
+        lines.append(f"- load average at the end (1/5/15 min): {' / '.join(f'{v:.1f}' for v in os.getloadavg())}")
+    return lines
+
+
+def table(rows: list[Row]) -> list[str]:
+    lines = ["| model | batch | method | #Step | sampling s/img | decode s/img | total s/img | speed-up sampling "
+             "| speed-up total |", "|---|---|---|---|---|---|---|---|---|"]
+    teacher = {(r.size, r.batch): r for r in rows if r.method == "teacher"}
+    for r in rows:
+        base = teacher.get((r.size, r.batch))
+        total = r.sampling_s + r.decode_s
+        up = f"{base.sampling_s / r.sampling_s:.1f}x" if base else "-"
+        up_total = f"{(base.sampling_s + base.decode_s) / total:.1f}x" if base else "-"
+        lines.append(f"| {r.size} | {r.batch} | {r.method} | {r.steps} | {r.sampling_s:.4g} | {r.decode_s:.4g} | "
+                     f"{total:.4g} | {up} | {up_total} |")
+    return lines
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--sizes", default="gpt_b,gpt_l", help="comma-separated presets from configs/model")
+    parser.add_argument("--batches", default="1,64", help="comma-separated batch sizes")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--teacher-start", type=int, default=60, help="teacher_start_t of the teacher-involved row")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (0 = torch default; --quick uses 1: on small shared CPUs extra "
+                             "OpenMP threads make the memory-bound AR steps much slower)")
+    parser.add_argument("--skip-teacher", action="store_true", help="students and decoder only")
+    parser.add_argument("--no-tf32", action="store_true", help="CUDA fp32 without TF32 (the official scripts enable it)")
+    parser.add_argument("--quick", action="store_true",
+                        help="CPU setting: GPT-B, batches 1,4, warmup 1, repeats 2, 1 thread")
+    parser.add_argument("--out", type=Path, default=None, help="also write the markdown report here")
+    args = parser.parse_args()
+    if args.quick:
+        args.sizes, args.batches, args.warmup, args.repeats = "gpt_b", "1,4", 1, 2
+        args.threads = args.threads or 1
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not args.no_tf32
+    batches = [int(b) for b in args.batches.split(",")]
+    rows: list[Row] = []
+    for size in args.sizes.split(","):
+        rows += bench_size(size.strip(), batches, args, device)
+    report = ["## Measured", "", *machine_description(device, args), "", *table(rows), ""]
+    print("\n".join(report))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("\n".join(report))
+
+
+if __name__ == "__main__":
+    main()
