@@ -27,8 +27,7 @@ from dd.sampling.logits import SamplingConfig
 from dd.sampling.seeds import per_sample_normal, per_sample_uniform, sample_seeds
 
 REPO = Path(__file__).resolve().parents[1]
-SETTINGS = [("euler", 25, "quadratic"), ("dpmpp_2m", 25, "quadratic"), ("dpmpp_2m", 50, "quadratic"),
-            ("dpmpp_2m", 100, "quadratic"), ("euler", 200, "quadratic")]
+SETTINGS = [("dpmpp_2m", 25, "uniform"), ("dpmpp_2m", 50, "uniform"), ("dpmpp_2m", 100, "uniform"), ("euler", 200, "uniform")]
 
 
 def _sync(device: torch.device) -> None:
