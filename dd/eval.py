@@ -38,6 +38,8 @@ def _check_counts(cfg: dict[str, Any]) -> None:
             raise ConfigError(f"{key}={cfg[key]} must be >= 1")
     if int(cfg["seed_base"]) < 0:
         raise ConfigError(f"seed_base={cfg['seed_base']} must be >= 0")
+    if cfg.get("float32_matmul_precision", "highest") not in ("highest", "high", "medium"):
+        raise ConfigError(f"float32_matmul_precision={cfg['float32_matmul_precision']!r}: highest, high or medium")
     if cfg.get("teacher_dtype") not in _DTYPES:
         raise ConfigError(f"teacher_dtype={cfg.get('teacher_dtype')!r}: choose null, float32, bfloat16 or float16")
 
@@ -58,6 +60,7 @@ def sequence_layout(spec: Any) -> tuple[int, int, int]:
 
 
 def _build_sampler(cfg: dict[str, Any], spec: Any) -> EvalSampler:
+    from hydra.errors import InstantiationException
     from hydra.utils import get_class, instantiate
 
     num_timesteps, sequence_length, _ = sequence_layout(spec)
@@ -65,7 +68,7 @@ def _build_sampler(cfg: dict[str, Any], spec: Any) -> EvalSampler:
     try:
         sampler = instantiate(cfg["sampler"], _convert_="all")
         sampler.validate(num_timesteps, sequence_length)
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, InstantiationException) as err:
         raise ConfigError(f"sampler={kind} on model={spec.name} ({num_timesteps} timesteps, {sequence_length} "
                           f"tokens): {err}") from err
     return sampler
@@ -91,11 +94,15 @@ def student_reference(cfg: dict[str, Any], spec: Any) -> str:
 
 def validate(cfg: dict[str, Any]) -> tuple[Any, EvalSampler, MetricPlan]:
     """Build the (weightless) preset spec and the sampler and check every setting; loads no model."""
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
     _check_counts(cfg)
     refuse_multirun_with_ddp(cfg["trainer"], is_multirun())
-    spec = instantiate(cfg["model"], _convert_="all")
+    try:
+        spec = instantiate(cfg["model"], _convert_="all")
+    except InstantiationException as err:
+        raise ConfigError(f"model={cfg['model'].get('name')}: {err}") from err
     _, _, num_classes = sequence_layout(spec)
     _check_labels(cfg["labels"], num_classes)
     sampler = _build_sampler(cfg, spec)
@@ -197,11 +204,21 @@ def _report(cfg: dict[str, Any], spec: Any, sampler: EvalSampler, plan: MetricPl
 
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
     """Evaluate the sampler a resolved config describes; returns the metrics.json payload ({} on ranks > 0)."""
+    spec, sampler, plan = validate(cfg)
+    previous = torch.get_float32_matmul_precision()
+    if cfg["trainer"].get("accelerator") != "cpu" and torch.cuda.is_available():
+        torch.set_float32_matmul_precision(cfg.get("float32_matmul_precision", "highest"))
+    try:
+        return _evaluate(cfg, spec, sampler, plan)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def _evaluate(cfg: dict[str, Any], spec: Any, sampler: EvalSampler, plan: MetricPlan) -> dict[str, Any]:
     from dd.evaluation import outputs
     from dd.evaluation.quality import compute_quality
     from dd.evaluation.report import check_model_evals
 
-    spec, sampler, plan = validate(cfg)
     out = Path(cfg["output_dir"])
     if is_rank_zero():
         outputs.clear_outputs(out)

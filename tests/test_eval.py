@@ -145,6 +145,8 @@ def no_model_loading(monkeypatch: pytest.MonkeyPatch) -> None:
     (["labels=[3,12]"], "0..9"),
     (["teacher_dtype=int8"], "teacher_dtype"),
     (["metrics.reference=/nonexistent/statistic.pth"], "not found"),
+    (["sampler=teacher", "model.sampling.top_p=0"], "top_p=0 must be in"),
+    (["metrics.extractor=resnet"], "metrics.extractor='resnet'"),
 ])
 def test_impossible_settings_fail_before_any_model_is_loaded(overrides: list[str], message: str,
                                                              no_model_loading: None, tmp_path: Path) -> None:
