@@ -63,7 +63,8 @@ def _download_hf(reference: str) -> Path:
         raise CheckpointError(
             f"could not fetch {reference} ({type(err).__name__}: {err}). {hint}Download it on a machine with "
             f"network access (huggingface-cli download {repo_id} {filename}) and pass the local file path instead, "
-            f"e.g. model.checkpoint=/path/to/{Path(filename).name}."
+            f"e.g. model.teacher.checkpoint=/path/to/{Path(filename).name} (or model.tokenizer / model.student, "
+            f"student.checkpoint for dd.eval)."
         ) from err
 
 

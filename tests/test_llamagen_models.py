@@ -221,3 +221,22 @@ def test_generation_supports_what_official_cannot(fixture_teacher) -> None:
     assert torch.equal(one.tokens[:, 3], expected)
     with pytest.raises(ValueError, match="exceed block_size"):
         generate(fixture_teacher, labels, 23, greedy, greedy_chooser, prefix=prefix)
+
+
+def test_sampler_settings_are_validated_with_the_valid_range() -> None:
+    from dd.sampling.dd_samplers import validate_split, validate_t_list, validate_teacher_start
+
+    assert validate_t_list([0, 80], 256) == (0, 80)
+    with pytest.raises(ValueError, match="must start with 0"):
+        validate_t_list([5, 80], 256)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        validate_t_list([0, 80, 40], 256)
+    with pytest.raises(ValueError, match=r"valid: 0\.\.255"):
+        validate_t_list([0, 256], 256)
+    with pytest.raises(ValueError, match=r"split_t=300 outside the valid range 0\.\.256"):
+        validate_split(300, 256)
+    assert validate_teacher_start(79, [0, 80]) == 79
+    with pytest.raises(ValueError, match=r"teacher_start_t=80 outside the valid range 0\.\.79"):
+        validate_teacher_start(80, [0, 80])
+    with pytest.raises(ValueError, match="exactly two timesteps"):
+        validate_teacher_start(10, [0, 40, 80])

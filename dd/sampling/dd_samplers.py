@@ -60,9 +60,9 @@ def validate_split(split: int, sequence_length: int) -> int:
 def validate_teacher_start(teacher_start_t: int, t_list: Sequence[int]) -> int:
     if len(t_list) != 2:
         raise ValueError(f"teacher-involved sampling needs exactly two timesteps, got t_list={list(t_list)}")
-    if not 0 <= int(teacher_start_t) <= int(t_list[1]):
-        raise ValueError(f"teacher_start_t={teacher_start_t} outside the valid range 0..{t_list[1]} "
-                         f"(it must not exceed the second timestep t_list[1]={t_list[1]})")
+    if not 0 <= int(teacher_start_t) < int(t_list[1]):
+        raise ValueError(f"teacher_start_t={teacher_start_t} outside the valid range 0..{int(t_list[1]) - 1} "
+                         f"(the teacher must generate at least one timestep before t_list[1]={t_list[1]})")
     return int(teacher_start_t)
 
 
