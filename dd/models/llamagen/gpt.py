@@ -50,7 +50,7 @@ class LlamaGenGPT(nn.Module):
         self.norm = RMSNorm(dim, norm_eps)
         self.output = nn.Linear(dim, vocab_size, bias=False)
         self.register_buffer("rope", rope_table_2d(grid, dim // n_head, rope_base, cls_token_num), persistent=False)
-        self._causal_mask: torch.Tensor | None = None
+        self._cache_len = 0
 
     @property
     def null_class(self) -> int:
@@ -65,11 +65,11 @@ class LlamaGenGPT(nn.Module):
             labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
         return self.cls_embedding(labels)[:, None, :]
 
-    def _run(self, h: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def _run(self, h: torch.Tensor, input_pos: torch.Tensor, kv_len: int | None) -> torch.Tensor:
         h = self.tok_dropout(h)
         rope = self.rope[input_pos]
         for layer in self.layers:
-            h = layer(h, rope, input_pos, mask)
+            h = layer(h, rope, input_pos, kv_len)
         return self.output(self.norm(h)).float()
 
     # -- full-sequence (teacher-forcing) path ---------------------------------------------------------------------
@@ -102,13 +102,13 @@ class LlamaGenGPT(nn.Module):
         for layer in self.layers:
             attn = layer.attention
             attn.kv_cache = KVCache(batch, attn.n_kv_head, max_seq, attn.head_dim, dtype, device)
-        self._causal_mask = torch.tril(torch.ones(max_seq, max_seq, dtype=torch.bool, device=device))
+        self._cache_len = max_seq
 
     def clear_caches(self) -> None:
         """Drop the KV caches (generation leaves none behind; this frees them explicitly)."""
         for layer in self.layers:
             layer.attention.kv_cache = None
-        self._causal_mask = None
+        self._cache_len = 0
 
     def prefill(self, labels: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
         """Causal pass over [class, prefix tokens] that fills the caches; returns the last slot's logits (B, V)."""
@@ -118,11 +118,13 @@ class LlamaGenGPT(nn.Module):
         input_pos = torch.arange(h.shape[1], device=h.device)
         return self._run(h, input_pos, None)[:, -1]
 
-    def decode_step(self, tokens: torch.Tensor, position: int | torch.Tensor) -> torch.Tensor:
-        """Feed tokens (B,) at sequence slot ``position`` using the caches; returns logits (B, V) for the next token."""
-        if self._causal_mask is None:
-            raise RuntimeError("decode_step needs setup_caches() and prefill() first")
-        input_pos = torch.as_tensor(position, device=tokens.device).reshape(1)
-        mask = self._causal_mask[input_pos][None, None].expand(tokens.shape[0], 1, 1, -1)
+    def decode_step(self, tokens: torch.Tensor, position: int) -> torch.Tensor:
+        """Feed tokens (B,) at sequence slot ``position`` using the caches; returns logits (B, V) for the next token.
+
+        The slot index is a host integer, so attending to the filled part of the cache needs no device sync.
+        """
+        if not 0 < position < self._cache_len:
+            raise RuntimeError(f"decode_step at slot {position} needs setup_caches() covering it and prefill() first")
+        input_pos = torch.tensor([position], device=tokens.device)
         h = self.tok_embeddings(tokens[:, None])
-        return self._run(h, input_pos, mask)[:, -1]
+        return self._run(h, input_pos, position + 1)[:, -1]
