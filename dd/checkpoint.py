@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -179,3 +180,22 @@ def save_state_dict(state: Mapping[str, torch.Tensor], path: str | os.PathLike[s
     torch.save(payload, tmp)
     os.replace(tmp, path)
     return path
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 of a file's bytes (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def state_dict_sha256(module: nn.Module) -> str:
+    """Checksum of a model's weights (names, dtypes, shapes and bytes, in key order): a model's identity,
+    independent of the file layout it was loaded from."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

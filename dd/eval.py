@@ -139,7 +139,7 @@ def build_models(cfg: dict[str, Any], spec: Any, sampler: EvalSampler) -> EvalMo
 
 def checksums(cfg: dict[str, Any], spec: Any, models: EvalModels, sampler: EvalSampler) -> dict[str, Any]:
     """File and weight checksums of everything that shaped the samples."""
-    from dd.pairs.shards import file_sha256, state_dict_sha256
+    from dd.checkpoint import file_sha256, state_dict_sha256
 
     family = models.family
     result: dict[str, Any] = {"tokenizer": {"checkpoint": spec.tokenizer.checkpoint,

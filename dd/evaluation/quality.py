@@ -18,7 +18,6 @@ checked by :func:`resolve_metric_plan`, which the entry point calls before loadi
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import warnings
 from collections.abc import Mapping
@@ -28,6 +27,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from dd.checkpoint import file_sha256
 
 log = logging.getLogger("dd.evaluation")
 
@@ -56,14 +57,6 @@ class MetricPlan:
 
     def describe(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _reference_file(reference: str) -> Path:
@@ -148,7 +141,7 @@ def resolve_metric_plan(cfg: Mapping[str, Any], num_classes: int) -> MetricPlan:
         if stats.dim != _extractor_dim(extractor, weights):
             raise ValueError(f"reference statistics {path} have {stats.dim}-d features, but extractor {extractor} "
                              f"gives {_extractor_dim(extractor, weights)}-d: set metrics.extractor to match")
-        reference, sha, count = str(path), _file_sha256(path), stats.num_samples
+        reference, sha, count = str(path), file_sha256(path), stats.num_samples
     return MetricPlan(enabled=enabled, reference=reference, reference_sha256=sha, reference_num_samples=count,
                       extractor=extractor, extractor_weights=weights, isc=enabled and bool(cfg.get("isc", True)),
                       prc_reference=_plan_prc(cfg, extractor) if enabled else None,

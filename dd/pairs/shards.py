@@ -19,7 +19,6 @@ so 1 rank and N ranks write identical shards and a re-run skips what is done.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -30,6 +29,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from dd.checkpoint import file_sha256, state_dict_sha256
 from dd.pairs.generation import PairBatch
 from dd.sampling.seeds import per_sample_normal
 
@@ -50,23 +50,6 @@ def shard_ranges(num_pairs: int, shard_size: int) -> list[tuple[int, int]]:
     if num_pairs < 1 or shard_size < 1:
         raise ValueError(f"num_pairs={num_pairs} and shard_size={shard_size} must be >= 1")
     return [(first, min(shard_size, num_pairs - first)) for first in range(0, num_pairs, shard_size)]
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def state_dict_sha256(module: torch.nn.Module) -> str:
-    """Checksum of a model's weights (names, dtypes, shapes and bytes, in key order): the teacher's identity."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def noise_sums(noise: torch.Tensor) -> torch.Tensor:
