@@ -126,3 +126,17 @@ def test_ddp_two_cpu_ranks_trains(pairs_dir: Path, tmp_path: Path) -> None:
     export = read_checkpoint(out / "export" / "student_ema.pt")
     assert set(export) == {"ema", "model"}
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+
+
+def test_wandb_offline_logger_and_bf16_mixed_on_cpu(pairs_dir: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """logger=wandb works with no network in offline mode (a local run folder, no connection), and bf16-mixed runs."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    summary = run_train(compose_cfg("train", _train_overrides(pairs_dir, tmp_path / "run", max_steps=4,
+                                                              val_every_steps=4, ckpt_every=4,
+                                                              logger="wandb", **{"trainer.precision": "bf16-mixed"})))
+    assert summary["global_step"] == 4
+    assert list((tmp_path / "run").rglob("offline-run-*")), "wandb wrote no offline run folder"
+    assert all(torch.isfinite(torch.tensor(v)) for k, v in summary["metrics"].items() if k.startswith("train/"))

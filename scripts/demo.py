@@ -1,0 +1,128 @@
+"""The whole DD pipeline on the bundled tiny Fashion-MNIST teacher, on a CPU, in one command.
+
+    python scripts/demo.py                       # <= 15 minutes on 2 CPU cores (README: measured timings)
+    python scripts/demo.py --pairs 30000 --steps 6000 --out outputs/demo_long    # the longer documented run
+
+pairs -> training -> evaluation of the teacher, DD 1-step, DD 2-step and teacher-involved sampling with the same
+labels and seeds. Ends with a metrics table (``<out>/results.md``) and one grid comparing the samplers
+(``<out>/comparison.png``: one row per sampler, the same labels in every column).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cfg(name: str, overrides: list[str]) -> dict:
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        return OmegaConf.to_container(compose(name, overrides=overrides), resolve=True)
+
+
+def _evaluate(out: Path, export: Path, name: str, samples: int, extra: list[str]) -> dict:
+    from dd.eval import run as run_eval
+
+    overrides = ["model=gpt_tiny", f"num_samples={samples}", "labels=balanced", "seed_base=100000",
+                 f"student.checkpoint={export}", f"output_dir={out / 'eval' / name}", *extra]
+    return run_eval(_cfg("eval", overrides))
+
+
+def _row(name: str, payload: dict) -> str:
+    m, timing = payload["metrics"], payload["timing"]
+
+    def fmt(value: object, digits: int = 3) -> str:
+        return "n/a" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+    return (f"| {name} | {payload['steps']} | {fmt(m.get('fid'), 2)} | {fmt(m.get('isc_mean'), 2)} | "
+            f"{fmt(m.get('precision'))} | {fmt(m.get('recall'))} | {fmt(m.get('label_accuracy'))} | "
+            f"{1000 * timing['sampling_s_per_image']:.2f} |")
+
+
+def _comparison(out: Path, runs: list[tuple[str, str]], per_row: int = 20) -> Path:
+    """One row per sampler (display name, eval folder), the first ``per_row`` samples (same sample ids, hence the
+    same labels) in each."""
+    rows = []
+    for name, folder in runs:
+        with np.load(out / "eval" / folder / "samples.npz") as data:
+            rows.append((name, data["arr_0"][:per_row], data["labels"][:per_row]))
+    h, w = rows[0][1].shape[1:3]
+    margin = 120
+    canvas = Image.new("RGB", (margin + per_row * w, len(rows) * h + 14), "white")
+    draw = ImageDraw.Draw(canvas)
+    for c, label in enumerate(rows[0][2]):
+        draw.text((margin + c * w + w // 3, 0), str(int(label)), fill="black")
+    for r, (name, images, labels) in enumerate(rows):
+        assert np.array_equal(labels, rows[0][2]), "samplers must use the same labels"
+        draw.text((3, 14 + r * h + h // 3), name, fill="black")
+        for c, image in enumerate(images):
+            canvas.paste(Image.fromarray(image), (margin + c * w, 14 + r * h))
+    path = out / "comparison.png"
+    canvas.save(path)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", type=int, default=10000)
+    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument("--teacher-start", type=int, default=8)
+    parser.add_argument("--out", default="outputs/demo")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    from dd.generate_pairs import run as run_pairs
+    from dd.train import run as run_train
+
+    clock = {"start": time.perf_counter()}
+    run_pairs(_cfg("generate_pairs", ["model=gpt_tiny", f"num_pairs={args.pairs}", f"output_dir={out / 'pairs'}"]))
+    clock["pairs"] = time.perf_counter()
+    summary = run_train(_cfg("train", ["model=gpt_tiny", f"data.pairs_dir={out / 'pairs' / 'pairs'}",
+                                       f"output_dir={out / 'train'}", f"max_steps={args.steps}",
+                                       f"batch_size={args.batch}", f"val_every_steps={max(args.steps // 2, 1)}",
+                                       f"ckpt_every={max(args.steps // 2, 1)}"]))
+    clock["train"] = time.perf_counter()
+    export = Path(summary["export"])
+    runs = {
+        "teacher": ["sampler=teacher"],
+        "DD 1-step": ["sampler=fewstep", "schedule=onestep"],
+        "DD 2-step": ["sampler=fewstep"],
+        f"teacher-involved s={args.teacher_start}": ["sampler=teacher_involved", f"teacher_start_t={args.teacher_start}"],
+    }
+    results = {}
+    for name, extra in runs.items():
+        folder = name.split(" ")[0].lower() + "_" + name.split(" ")[-1].replace("=", "")
+        results[name] = (folder, _evaluate(out, export, folder, args.samples, extra))
+    clock["eval"] = time.perf_counter()
+    lines = ["| sampler | #Step | FID (classifier features) | IS | precision | recall | label accuracy | ms / image |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [_row(name, payload) for name, (_, payload) in results.items()]
+    timing = (f"pairs {clock['pairs'] - clock['start']:.0f} s ({args.pairs} pairs), training "
+              f"{clock['train'] - clock['pairs']:.0f} s ({args.steps} steps of {args.batch}), evaluation "
+              f"{clock['eval'] - clock['train']:.0f} s ({args.samples} samples per sampler); total "
+              f"{clock['eval'] - clock['start']:.0f} s")
+    table = "\n".join(lines)
+    (out / "results.md").write_text(table + "\n\n" + timing + "\n")
+    (out / "results.json").write_text(json.dumps({n: p for n, (_, p) in results.items()}, indent=2, default=str))
+    grid = _comparison(out, [(name, folder) for name, (folder, _) in results.items()])
+    print(table)
+    print(timing)
+    print(f"comparison grid: {grid}")
+
+
+if __name__ == "__main__":
+    main()
