@@ -17,7 +17,7 @@ Sample metrics (1,000 samples, 100 per class, cfg 2.0, per-sample seeds 0..999):
 Fashion-MNIST classifier on the samples w.r.t. the requested class, and the classifier-feature proxy FID against the
 test split (with a 1,000-sample FID floor measured on real test images for scale). Usage::
 
-    python scripts/train_tiny_teacher.py [--steps 1200] [--time-budget 840] [--seed 0] [--threads 1]
+    python scripts/train_tiny_teacher.py [--steps 2500] [--time-budget 720] [--seed 0] [--threads 1]
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ GRID = (8, 8)
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--steps", type=int, default=2500)
     parser.add_argument("--time-budget", type=float, default=None, help="seconds of training (loop only)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -77,6 +77,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--record", type=Path, default=None, help="default: llamagen_tiny_record.json next to --out")
     parser.add_argument("--image", type=Path, default=REPO_ROOT / "docs" / "img" / "tiny_teacher_samples.png")
     return parser.parse_args()
+
+
+def repo_relative(path: Path) -> str:
+    """The path relative to the repository when inside it (records stay machine-independent)."""
+    path = path.resolve()
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
 
 
 def load_preset(path: Path) -> LlamaGenSpec:
@@ -222,7 +228,7 @@ def main() -> None:
     reloaded = load_weights(spec.build_teacher(load=False), args.out, kind="teacher", key="model")
     metrics, samples, labels = evaluate(reloaded, tokenizer, test_ids, test_data, args)
     save_sample_grid(samples, labels, args.grid_per_class, args.image)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    settings = {k: (repo_relative(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     record = {"date": datetime.date.today().isoformat(), "torch_version": str(torch.__version__),
               "dataset": "Fashion-MNIST train tokens (60,000 x 64); metrics on the test split's tokens",
               "weights": args.out.name, "weights_bytes": args.out.stat().st_size, "settings": settings,

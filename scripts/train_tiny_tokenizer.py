@@ -72,6 +72,12 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def repo_relative(path: Path) -> str:
+    """The path relative to the repository when inside it (records stay machine-independent)."""
+    path = path.resolve()
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
+
+
 def load_preset(path: Path) -> LlamaGenSpec:
     return make_spec(**yaml.safe_load(path.read_text()))
 
@@ -182,7 +188,7 @@ def main() -> None:
     metrics = evaluate(reloaded, test_data, args.eval_images)
     metrics["eval_seconds"] = round(time.time() - eval_start, 1)
     save_reconstruction_grid(reloaded, test_data, args.image)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    settings = {k: (repo_relative(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     record = {"date": datetime.date.today().isoformat(), "torch_version": str(torch.__version__),
               "dataset": "Fashion-MNIST train (60,000), padded to 32x32 RGB; metrics on the test split",
               "weights": args.out.name, "weights_bytes": args.out.stat().st_size, "settings": settings,
