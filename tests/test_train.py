@@ -140,3 +140,12 @@ def test_wandb_offline_logger_and_bf16_mixed_on_cpu(pairs_dir: Path, tmp_path: P
     assert summary["global_step"] == 4
     assert list((tmp_path / "run").rglob("offline-run-*")), "wandb wrote no offline run folder"
     assert all(torch.isfinite(torch.tensor(v)) for k, v in summary["metrics"].items() if k.startswith("train/"))
+
+
+@pytest.mark.slow
+def test_compiled_student_trains(pairs_dir: Path, tmp_path: Path) -> None:
+    """compile=true routes the loss through torch.compile (first compile costs ~30-60 s on CPU, hence slow)."""
+    summary = run_train(compose_cfg("train", _train_overrides(pairs_dir, tmp_path, max_steps=3, val_every_steps=3,
+                                                              ckpt_every=3, compile="true")))
+    assert summary["global_step"] == 3
+    assert all(torch.isfinite(torch.tensor(v)) for k, v in summary["metrics"].items() if k.startswith("train/"))

@@ -78,6 +78,21 @@ class StepIndexedBatchSampler(Sampler[list[int]]):
             yield chunk[rank::world].tolist()
 
 
+class _CompiledStudent:
+    """Routes ``forward`` through ``torch.compile`` and everything else to the plain student (not an nn.Module, so
+    its parameters are not registered twice)."""
+
+    def __init__(self, student: torch.nn.Module) -> None:
+        self.student = student
+        self.compiled = torch.compile(student)
+
+    def __call__(self, *args: Any) -> Any:
+        return self.compiled(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.student, name)
+
+
 class DistillationTask(L.LightningModule):
     """Trains ``student`` on pairs. Validation reports, per t in ``t_list``, loss and token accuracy of the logits
     head at the predicted positions, and the token accuracy of 1-step and full-``t_list`` sampling."""
@@ -96,7 +111,8 @@ class DistillationTask(L.LightningModule):
         self.batch_size, self.num_workers = batch_size, num_workers
         self.perceptual = perceptual
         self.seed = seed
-        self._forward = torch.compile(student) if compile else student
+        # with compile=true the loss calls the compiled forward; perturb() stays the plain student's
+        self._compiled = _CompiledStudent(student) if compile else None
         self.register_buffer("batches_seen", torch.zeros((), dtype=torch.long))
 
     # -- data ---------------------------------------------------------------------------------------------------------
@@ -128,20 +144,7 @@ class DistillationTask(L.LightningModule):
         return terms.total
 
     def _student_for_training(self) -> torch.nn.Module:
-        compiled = self._forward
-
-        class _Proxy(torch.nn.Module):  # routes forward through the compiled graph, keeps helper methods
-            def __init__(self, inner: torch.nn.Module) -> None:
-                super().__init__()
-                self.inner = inner
-
-            def forward(self, *args: Any) -> Any:
-                return compiled(*args)
-
-            def perturb(self, *args: Any) -> Any:
-                return self.inner.perturb(*args)
-
-        return self.student if compiled is self.student else _Proxy(self.student)
+        return self._compiled if self._compiled is not None else self.student
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """Optimizer step, then the EMA update (before any checkpoint callback of this step runs)."""
