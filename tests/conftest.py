@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from dd.data.fashion_mnist import DEFAULT_ROOT as FMNIST_ROOT
+
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -27,12 +29,20 @@ def _official_dir() -> Path:
 
 OFFICIAL_DIR = _official_dir()
 
+#: tests that read the real Fashion-MNIST files (CI installs them; .ci/run)
+needs_fmnist = pytest.mark.skipif(
+    not (FMNIST_ROOT / "t10k-images-idx3-ubyte.gz").is_file(),
+    reason="apt-get install -y dataset-fashion-mnist",
+)
+
 
 @pytest.fixture(autouse=True)
-def _isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    home = tmp_path_factory.getbasetemp() / "torch_home"
-    monkeypatch.setenv("TORCH_HOME", str(home))
-    monkeypatch.setenv("HF_HOME", str(tmp_path_factory.getbasetemp() / "hf_home"))
+def _isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Offline, and an empty per-test TORCH_HOME / HF_HOME: nothing is found in or written to a real cache."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
     # one thread: the suite is many small ops, and parallel test subprocesses would oversubscribe 2 cores
     torch.set_num_threads(1)
 

@@ -27,17 +27,7 @@ from dd.data.image_folder import (
     uint8_to_model_images,
 )
 
-needs_fmnist = pytest.mark.skipif(
-    not (DEFAULT_ROOT / "t10k-images-idx3-ubyte.gz").is_file(),
-    reason="apt-get install -y dataset-fashion-mnist",
-)
-
-
-@pytest.fixture(autouse=True)
-def _offline_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+from conftest import needs_fmnist
 
 
 def _write_idx(path: Path, array: np.ndarray, compress: bool) -> None:

@@ -29,17 +29,7 @@ from dd.metrics import (
 from dd.metrics.classifier import CLASSIFIER_FILENAME, TEST_STATS_FILENAME, asset_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-needs_fmnist = pytest.mark.skipif(
-    not (DEFAULT_ROOT / "t10k-images-idx3-ubyte.gz").is_file(),
-    reason="apt-get install -y dataset-fashion-mnist",
-)
-
-
-@pytest.fixture(autouse=True)
-def _offline_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+from conftest import needs_fmnist
 
 
 @pytest.fixture(scope="module")
