@@ -7,55 +7,26 @@ The YAML is the only size table. A spec builds and loads models on demand; nothi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from dd.checkpoint import CheckpointError
 from dd.models.llamagen.builders import build_student, build_teacher, build_tokenizer, load_weights
 from dd.models.llamagen.family import LlamaGenFamily
 from dd.models.llamagen.gpt import LlamaGenGPT
 from dd.models.llamagen.student import LlamaGenDDStudent
 from dd.models.llamagen.tokenizer import VQTokenizer
+from dd.models.presets import (  # noqa: F401  (re-exported: scripts and tests import them from here)
+    ASSETS_DIR,
+    BUNDLED_PREFIX,
+    RANDOM_PREFIX,
+    ComponentSpec,
+    component_from_config,
+    load_component,
+    random_weights,
+    resolve_bundled,
+)
 from dd.sampling.logits import SamplingConfig
-
-ASSETS_DIR = Path(__file__).resolve().parents[2] / "assets"
-BUNDLED_PREFIX = "bundled://"
-RANDOM_PREFIX = "random:"
-
-
-@torch.no_grad()
-def random_weights(model: torch.nn.Module, seed: int) -> None:
-    """Seeded random weights of a sane scale for ``checkpoint: random:<seed>`` (tests and speed benchmarks only):
-    every weight matrix N(0, 1/fan_in), so logits are O(1) and every parameter matters."""
-    generator = torch.Generator().manual_seed(seed)
-    for name, param in sorted(model.named_parameters()):
-        if param.ndim >= 2:
-            fan_in = param[0].numel()
-            param.copy_(torch.randn(param.shape, generator=generator) / fan_in**0.5)
-        elif name.endswith("bias"):
-            param.zero_()
-
-
-def resolve_bundled(reference: str | None) -> str | None:
-    """Map ``bundled://name`` to the packaged asset path; other references pass through unchanged."""
-    if reference is None or not str(reference).startswith(BUNDLED_PREFIX):
-        return reference
-    path = ASSETS_DIR / str(reference)[len(BUNDLED_PREFIX):]
-    if not path.is_file():
-        raise CheckpointError(f"bundled weights {path} are missing from this installation of dd; reinstall dd "
-                              f"or train them with the scripts in scripts/ (see README, 'Bundled tiny teachers').")
-    return str(path)
-
-
-@dataclass(frozen=True)
-class ComponentSpec:
-    """Architecture keyword arguments plus where the weights come from."""
-
-    arch: dict[str, Any]
-    checkpoint: str | None = None
-    checkpoint_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -89,10 +60,31 @@ class LlamaGenSpec:
             self._load(model, self.teacher, "teacher")
         return model.to(device).eval()
 
-    def build_family(self, device: str | torch.device = "cpu", teacher_dtype: torch.dtype | None = None
-                     ) -> LlamaGenFamily:
-        return LlamaGenFamily(self.build_tokenizer(device=device), self.build_teacher(device=device),
-                              name=self.name, teacher_dtype=teacher_dtype)
+    # -- layout, read from the YAML without building anything ----------------------------------------------------
+    @property
+    def num_timesteps(self) -> int:
+        """AR steps per image: one per token."""
+        return int(self.teacher.arch["block_size"])
+
+    @property
+    def sequence_length(self) -> int:
+        return int(self.teacher.arch["block_size"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.teacher.arch["num_classes"])
+
+    #: wrapper of exported students: ``{'ema': ..., 'model': ...}`` (official LlamaGen-DD layout)
+    export_keys = ("ema", "model")
+
+    def build_family(self, device: str | torch.device = "cpu", teacher_dtype: torch.dtype | None = None,
+                     load_teacher: bool = True) -> LlamaGenFamily:
+        """Tokenizer + teacher; ``load_teacher=False`` gives a shape-only teacher on the meta device (samplers that
+        never run the teacher)."""
+        teacher = self.build_teacher(device=device) if load_teacher else build_teacher(device="meta",
+                                                                                      **self.teacher.arch)
+        return LlamaGenFamily(self.build_tokenizer(device=device), teacher, name=self.name,
+                              teacher_dtype=teacher_dtype)
 
     def build_student(self, codebook: torch.Tensor, init: str = "teacher", checkpoint: str | None = None,
                       checkpoint_key: str | None = None, teacher: LlamaGenGPT | None = None,
@@ -110,20 +102,12 @@ class LlamaGenSpec:
         return model.to(device)
 
     def _load(self, model: torch.nn.Module, component: ComponentSpec, kind: str) -> None:
-        if component.checkpoint is not None and str(component.checkpoint).startswith(RANDOM_PREFIX):
-            random_weights(model, int(str(component.checkpoint)[len(RANDOM_PREFIX):] or 0))
-            return
-        if component.checkpoint is None:
-            raise CheckpointError(f"preset {self.name!r} names no {kind} checkpoint; set model.{kind}.checkpoint")
-        load_weights(model, resolve_bundled(component.checkpoint), kind=kind, key=component.checkpoint_key,
-                     preset=self.name)
+        load_component(model, component, kind, self.name, load_weights)
 
 
 def spec_from_config(cfg: dict[str, Any]) -> LlamaGenSpec:
     """Build a spec from a plain ``model`` config mapping (what ``configs/model/<preset>.yaml`` holds)."""
-    def component(entry: dict[str, Any]) -> ComponentSpec:
-        return ComponentSpec(dict(entry.get("arch", {})), entry.get("checkpoint"), entry.get("checkpoint_key"))
-
+    component = component_from_config
     return LlamaGenSpec(name=cfg["name"], tokenizer=component(cfg["tokenizer"]), teacher=component(cfg["teacher"]),
                         student=component(cfg["student"]), sampling=SamplingConfig(**cfg.get("sampling", {})),
                         image_size=int(cfg.get("image_size", 256)), family=cfg.get("family", "llamagen"),

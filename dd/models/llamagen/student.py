@@ -14,24 +14,9 @@ import torch
 from torch import nn
 
 from dd.models.codebook import nearest_code_indices
+from dd.models.continuous_head import ContinuousHead
 from dd.models.llamagen.gpt import LlamaGenGPT
 from dd.models.llamagen.layers import LabelEmbedder, RMSNorm, TransformerBlock, rope_table_2d, swiglu_hidden_dim
-
-
-class ContinuousHead(nn.Module):
-    """PixArt-style final layer: LN_noaffine(h) * (1 + scale) + shift, shift/scale = table rows + class embedding,
-    then Linear(dim -> codebook_dim)."""
-
-    def __init__(self, dim: int, out_dim: int) -> None:
-        super().__init__()
-        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.scale_shift_table = nn.Parameter(torch.randn(2, dim) / dim**0.5)
-        self.linear = nn.Linear(dim, out_dim, bias=True)
-
-    def forward(self, h: torch.Tensor, class_emb: torch.Tensor) -> torch.Tensor:
-        """h (B, T, dim), class_emb (B, dim) -> (B, T, out_dim)."""
-        shift, scale = (self.scale_shift_table[None] + class_emb[:, None, :]).chunk(2, dim=1)
-        return self.linear(self.norm_final(h) * (1 + scale) + shift)
 
 
 class LlamaGenDDStudent(nn.Module):
@@ -158,5 +143,4 @@ def reset_student_new_parameters(student: LlamaGenDDStudent, std: float = 0.02) 
         nn.init.normal_(student.tok_embeddings.weight, std=std)
         nn.init.zeros_(student.tok_embeddings.bias)
         nn.init.normal_(student.n_d_embed.weight, std=std)
-        nn.init.normal_(student.final_layer_conti.linear.weight, std=std)
-        nn.init.zeros_(student.final_layer_conti.linear.bias)
+        student.final_layer_conti.reset_parameters(std)

@@ -1,0 +1,75 @@
+"""What every family's preset spec shares: component entries, ``bundled://`` and ``random:<seed>`` references.
+
+``configs/model/<preset>.yaml`` is the only size table; a family's spec (``LlamaGenSpec``, ``VARSpec``) turns it
+into models on demand. ``bundled://<file>`` resolves to weights shipped inside the package (``dd/assets``);
+``random:<seed>`` gives seeded random weights (tests and speed benchmarks only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dd.checkpoint import CheckpointError
+
+ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
+BUNDLED_PREFIX = "bundled://"
+RANDOM_PREFIX = "random:"
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """Architecture keyword arguments plus where the weights come from."""
+
+    arch: dict[str, Any]
+    checkpoint: str | None = None
+    checkpoint_key: str | None = None
+
+
+def component_from_config(entry: dict[str, Any]) -> ComponentSpec:
+    return ComponentSpec(dict(entry.get("arch", {})), entry.get("checkpoint"), entry.get("checkpoint_key"))
+
+
+@torch.no_grad()
+def random_weights(model: torch.nn.Module, seed: int) -> None:
+    """Seeded random weights of a sane scale for ``checkpoint: random:<seed>`` (tests and speed benchmarks only):
+    every weight matrix N(0, 1/fan_in), so logits are O(1) and every parameter matters."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in sorted(model.named_parameters()):
+        if param.ndim >= 2:
+            fan_in = param[0].numel()
+            param.copy_(torch.randn(param.shape, generator=generator) / fan_in**0.5)
+        elif name.endswith("bias"):
+            param.zero_()
+
+
+def resolve_bundled(reference: str | None) -> str | None:
+    """Map ``bundled://name`` to the packaged asset path; other references pass through unchanged."""
+    if reference is None or not str(reference).startswith(BUNDLED_PREFIX):
+        return reference
+    path = ASSETS_DIR / str(reference)[len(BUNDLED_PREFIX):]
+    if not path.is_file():
+        raise CheckpointError(f"bundled weights {path} are missing from this installation of dd; reinstall dd "
+                              f"or train them with the scripts in scripts/ (see README, 'Bundled tiny teachers').")
+    return str(path)
+
+
+Loader = Callable[..., Any]
+
+
+def load_component(model: torch.nn.Module, component: ComponentSpec, kind: str, preset: str,
+                   loader: Loader) -> None:
+    """Fill ``model`` from a component's reference: ``random:<seed>``, ``bundled://``, a path or ``hf://``.
+
+    ``loader(model, path, kind=..., key=..., preset=...)`` is the family's strict loader."""
+    reference = component.checkpoint
+    if reference is not None and str(reference).startswith(RANDOM_PREFIX):
+        random_weights(model, int(str(reference)[len(RANDOM_PREFIX):] or 0))
+        return
+    if reference is None:
+        raise CheckpointError(f"preset {preset!r} names no {kind} checkpoint; set model.{kind}.checkpoint")
+    loader(model, resolve_bundled(reference), kind=kind, key=component.checkpoint_key, preset=preset)
