@@ -48,7 +48,7 @@ class VARDDStudent(VARTransformer):
         for pn in self.base_patch_nums:
             counts.append(counts[-1] + pn * pn)
         self.data_counts = tuple(counts)
-        self.register_buffer("_data_counts", torch.tensor(counts), persistent=False)
+        self.register_buffer("_data_counts", torch.tensor(counts, device="cpu"), persistent=False)
         initial = codebook if codebook is not None else torch.zeros(self.vocab_size, self.z_channels)
         self.register_buffer("codebook", initial.detach().clone().float(), persistent=False)
 

@@ -9,6 +9,7 @@ slots of scale s predict the token map of scale s. Parameter and buffer names ma
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -45,7 +46,7 @@ class VARTransformer(nn.Module):
         self.num_scales = len(self.patch_nums)
         self.cond_drop_rate = cond_drop_rate
         self.sequence_length = sum(pn * pn for pn in self.patch_nums)
-        ends = torch.tensor([pn * pn for pn in self.patch_nums]).cumsum(0).tolist()
+        ends = list(itertools.accumulate(pn * pn for pn in self.patch_nums))
         self.scale_slices = tuple(zip([0] + ends[:-1], ends))
         self.init_std = math.sqrt(1 / embed_dim / 3)
         self._build_embeddings()
