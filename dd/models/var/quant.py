@@ -142,12 +142,13 @@ class MultiScaleQuantizer(nn.Module):
     # -- codebook look-ups ---------------------------------------------------------------------------------------
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
         """z (N, Cvae) -> (N,) int64 nearest codebook rows: Euclidean argmin of |z|^2 + |e|^2 - 2 z.e, or with
-        ``using_znorm`` the argmax cosine similarity. No gradient (indices are discrete)."""
-        with torch.no_grad():
-            weight = self.embedding.weight.detach()
+        ``using_znorm`` the argmax cosine similarity. No gradient (indices are discrete); always float32, also under
+        autocast, so indices do not depend on the caller's precision mode."""
+        with torch.no_grad(), torch.autocast(device_type=z.device.type, enabled=False):
+            z, weight = z.detach().float(), self.embedding.weight.detach().float()
             if self.using_znorm:
-                return (F.normalize(z.detach(), dim=-1) @ F.normalize(weight, dim=-1).t()).argmax(dim=1)
-            return nearest_code_indices(z.detach(), weight)
+                return (F.normalize(z, dim=-1) @ F.normalize(weight, dim=-1).t()).argmax(dim=1)
+            return nearest_code_indices(z, weight)
 
     def embed_map(self, idx: torch.Tensor, pn: int) -> torch.Tensor:
         """Ids (B, pn*pn) in raster order -> embeddings (B, Cvae, pn, pn)."""
