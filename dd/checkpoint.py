@@ -170,12 +170,25 @@ def _likely_cause(missing: list[str], unexpected: list[str], mismatched: list[st
             "the checkpoint key (e.g. 'ema' vs 'model').")
 
 
+def _nest(payload: dict[str, Any], dotted: str, value: Any) -> None:
+    """payload[a][b] = value for dotted = "a.b" (the VAR-DD layout ``trainer.ema_parameters``)."""
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        payload = payload.setdefault(part, {})
+    payload[leaf] = value
+
+
 def save_state_dict(state: Mapping[str, torch.Tensor], path: str | os.PathLike[str], *, wrapper: str | None = None,
                     extra: Mapping[str, Any] | None = None) -> Path:
-    """Write ``{wrapper: state, **extra}`` (or the raw state when wrapper is None) atomically."""
+    """Write ``{wrapper: state, **extra}`` (or the raw state when wrapper is None) atomically. Dotted wrapper and
+    extra keys nest: ``wrapper="trainer.ema_parameters"`` writes ``{'trainer': {'ema_parameters': state}}``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload: Any = dict(state) if wrapper is None else {wrapper: dict(state), **(extra or {})}
+    payload: Any = dict(state)
+    if wrapper is not None:
+        payload = {}
+        for key, value in {wrapper: dict(state), **(extra or {})}.items():
+            _nest(payload, key, value)
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)

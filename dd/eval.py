@@ -53,10 +53,7 @@ def _check_labels(mode: Any, num_classes: int) -> None:
 
 def sequence_layout(spec: Any) -> tuple[int, int, int]:
     """(num_timesteps, sequence_length, num_classes) of a preset, read from its YAML (nothing is built)."""
-    if spec.family != "llamagen":
-        raise ConfigError(f"dd.eval supports the llamagen family; preset {spec.name!r} is {spec.family!r}")
-    arch = spec.teacher.arch
-    return int(arch["block_size"]), int(arch["block_size"]), int(arch["num_classes"])
+    return spec.num_timesteps, spec.sequence_length, spec.num_classes
 
 
 def _build_sampler(cfg: dict[str, Any], spec: Any) -> EvalSampler:
@@ -69,8 +66,8 @@ def _build_sampler(cfg: dict[str, Any], spec: Any) -> EvalSampler:
         sampler = instantiate(cfg["sampler"], _convert_="all")
         sampler.validate(num_timesteps, sequence_length)
     except (TypeError, ValueError, InstantiationException) as err:
-        raise ConfigError(f"sampler={kind} on model={spec.name} ({num_timesteps} timesteps, {sequence_length} "
-                          f"tokens): {err}") from err
+        raise ConfigError(f"sampler={kind} on model={spec.name} ({num_timesteps} timesteps counted in "
+                          f"{spec.timestep_unit}, {sequence_length} tokens): {err}") from err
     return sampler
 
 
@@ -122,14 +119,8 @@ def validate(cfg: dict[str, Any]) -> tuple[Any, EvalSampler, MetricPlan]:
 # -- models ----------------------------------------------------------------------------------------------------
 def build_models(cfg: dict[str, Any], spec: Any, sampler: EvalSampler) -> EvalModels:
     """Tokenizer, teacher (weights only when the sampler runs it; otherwise a shape-only meta module) and student."""
-    from dd.models.llamagen import LlamaGenFamily, build_teacher
-
     dtype = _DTYPES[cfg.get("teacher_dtype")]
-    if sampler.needs_teacher:
-        family = spec.build_family(teacher_dtype=dtype)
-    else:
-        family = LlamaGenFamily(spec.build_tokenizer(), build_teacher(device="meta", **spec.teacher.arch),
-                                name=spec.name, teacher_dtype=dtype)
+    family = spec.build_family(teacher_dtype=dtype, load_teacher=sampler.needs_teacher)
     student = None
     if sampler.needs_student:
         student = spec.build_student(family.codebook(), init="checkpoint", checkpoint=student_reference(cfg, spec),

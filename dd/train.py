@@ -21,13 +21,14 @@ from dd.sampling.dd_samplers import validate_split, validate_t_list
 log = logging.getLogger("dd.train")
 
 
-def _validate(cfg: dict[str, Any], sequence_length: int) -> None:
+def _validate(cfg: dict[str, Any], spec: Any) -> None:
     try:
-        validate_t_list(cfg["schedule"]["t_list"], sequence_length)
-        validate_split(cfg["schedule"]["split_t"], sequence_length)
+        validate_t_list(cfg["schedule"]["t_list"], spec.num_timesteps)
+        validate_split(cfg["schedule"]["split_t"], spec.num_timesteps)
         LossConfig(**{k: v for k, v in cfg["loss"].items() if k != "perceptual"}, split_t=cfg["schedule"]["split_t"])
     except ValueError as err:
-        raise ConfigError(str(err)) from err
+        raise ConfigError(f"model={spec.name} (timesteps in {spec.timestep_unit}, 0..{spec.num_timesteps}): {err}"
+                          ) from err
     if int(cfg["max_steps"]) < 1 or int(cfg["batch_size"]) < 1:
         raise ConfigError("max_steps and batch_size must be >= 1")
     if int(cfg["data"]["val_every"]) < 2:
@@ -37,15 +38,11 @@ def _validate(cfg: dict[str, Any], sequence_length: int) -> None:
     refuse_multirun_with_ddp(cfg["trainer"], is_multirun())
 
 
-def _sequence_length(cfg: dict[str, Any]) -> int:
-    return int(cfg["model"]["teacher"]["arch"]["block_size"])
-
-
-def _datasets(cfg: dict[str, Any], student: Any, teacher_sha: str):
+def _datasets(cfg: dict[str, Any], family: Any, teacher_sha: str):
     from dd.pairs import PairDataset, PairExpectation
 
-    expect = PairExpectation(student.block_size, student.codebook_dim, student.vocab_size, student.num_classes,
-                             teacher_sha256=teacher_sha)
+    expect = PairExpectation(family.sequence_length, family.token_dim, int(family.codebook().shape[0]),
+                             family.num_classes, teacher_sha256=teacher_sha)
     every = int(cfg["data"]["val_every"])
     directory = Path(cfg["data"]["pairs_dir"])
     if not (directory / "manifest.json").is_file():
@@ -101,13 +98,13 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     from dd.pairs import state_dict_sha256
     from dd.tasks.distillation import DistillationTask, OptimConfig
 
-    _validate(cfg, _sequence_length(cfg))
+    spec = instantiate(cfg["model"], _convert_="all")
+    _validate(cfg, spec)
     out = Path(cfg["output_dir"])
     L.seed_everything(int(cfg["seed"]), workers=True)
-    spec = instantiate(cfg["model"], _convert_="all")
     family = spec.build_family()
     student = spec.build_student(family.codebook(), init=cfg["student_init"], teacher=family.teacher)
-    train, val = _datasets(cfg, student, state_dict_sha256(family.teacher))
+    train, val = _datasets(cfg, family, state_dict_sha256(family.teacher))
     loss = LossConfig(**{k: v for k, v in cfg["loss"].items() if k != "perceptual"}, split_t=cfg["schedule"]["split_t"])
     task = DistillationTask(student, cfg["schedule"]["t_list"], loss, OptimConfig(**cfg["optim"]),
                             float(cfg["ema_decay"]), int(cfg["max_steps"]), train, val, int(cfg["batch_size"]),
@@ -131,7 +128,8 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         export = export_student(out / "export" / "student_ema.pt", task.ema.shadow.state_dict(),
                                 task.student.state_dict(),
                                 {"model": cfg["model"], "schedule": cfg["schedule"], "global_step": trainer.global_step,
-                                 "teacher_sha256": state_dict_sha256(family.teacher), "metrics": metrics})
+                                 "teacher_sha256": state_dict_sha256(family.teacher), "metrics": metrics},
+                                keys=spec.export_keys)
         summary["export"] = str(export)
         log.info("exported EMA student to %s", export)
     return summary

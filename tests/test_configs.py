@@ -10,7 +10,8 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from dd.models.llamagen import LlamaGenSpec, build_student, build_teacher, build_tokenizer
+from dd.models.llamagen import LlamaGenSpec
+from dd.models.var import VARSpec
 
 from conftest import REPO_ROOT
 from test_pairs import compose_cfg
@@ -31,13 +32,13 @@ def _roots() -> list[str]:
 def test_every_model_preset_composes_and_builds_on_meta(root: str, model: str) -> None:
     cfg = compose_cfg(root, [f"model={model}"])
     spec = instantiate(cfg["model"], _convert_="all")
-    assert isinstance(spec, LlamaGenSpec) and spec.name == model
-    teacher = build_teacher(device="meta", **spec.teacher.arch)
-    student = build_student(device="meta", **spec.student_arch)
-    tokenizer = build_tokenizer(device="meta", **spec.tokenizer.arch)
-    assert teacher.vocab_size == tokenizer.codebook_size == student.vocab_size
-    assert student.codebook_dim == tokenizer.embed_dim
-    assert spec.default_t_list[0] == 0 and all(t < teacher.block_size for t in spec.default_t_list)
+    assert isinstance(spec, (LlamaGenSpec, VARSpec)) and spec.name == model
+    tokenizer, teacher, student = spec.meta_models()
+    vocab, dim = tokenizer.codebook().shape
+    assert teacher.vocab_size == vocab == student.vocab_size
+    assert student.codebook.shape == (vocab, dim)
+    assert spec.default_t_list[0] == 0 and all(t < spec.num_timesteps for t in spec.default_t_list)
+    assert 0 <= spec.default_split_t <= spec.num_timesteps
 
 
 @pytest.mark.parametrize("group", ["hardware", "logger", "schedule"])
@@ -72,7 +73,7 @@ def test_bundled_reference_resolves_to_package_assets() -> None:
     assert ASSETS_DIR == REPO_ROOT / "dd" / "assets"
 
 
-CORE = ["dd.checkpoint", "dd.models.codebook", "dd.models.protocol", "dd.models.llamagen", "dd.flow", "dd.sampling.logits",
+CORE = ["dd.checkpoint", "dd.models.codebook", "dd.models.protocol", "dd.models.llamagen", "dd.models.var", "dd.flow", "dd.sampling.logits",
         "dd.sampling.choosers", "dd.sampling.seeds", "dd.sampling.dd_samplers", "dd.pairs", "dd.distill.losses",
         "dd.distill.ema", "dd.distill.perceptual", "dd.metrics", "dd.data", "dd.runs"]
 

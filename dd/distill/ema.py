@@ -41,11 +41,14 @@ class EMA(nn.Module):
 
 
 def export_student(path: str | os.PathLike[str], ema_state: dict[str, torch.Tensor],
-                   model_state: dict[str, torch.Tensor], config: dict[str, Any]) -> Path:
-    """Write ``{'ema': ..., 'model': ...}`` (the official LlamaGen-DD layout, loadable by dd and by the official
-    ``eval_fewstep.py --ema``) plus ``<path>.json`` with the plain config needed to rebuild the student."""
+                   model_state: dict[str, torch.Tensor], config: dict[str, Any],
+                   keys: tuple[str, str] = ("ema", "model")) -> Path:
+    """Write the EMA and raw weights under the preset's ``export_keys`` (``('ema', 'model')``: the official
+    LlamaGen-DD layout read by ``eval_fewstep.py --ema``; ``('trainer.ema_parameters', 'trainer.var_wo_ddp')``: the
+    VAR-DD layout read by ``sample.py``) plus ``<path>.json`` with the plain config needed to rebuild the student."""
     clean = {k: v.detach().cpu().float().contiguous() for k, v in ema_state.items()}
     raw = {k: v.detach().cpu().float().contiguous() for k, v in model_state.items()}
-    path = save_state_dict(clean, path, wrapper="ema", extra={"model": raw})
+    ema_key, raw_key = keys
+    path = save_state_dict(clean, path, wrapper=ema_key, extra={raw_key: raw})
     Path(str(path) + ".json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
     return path

@@ -1,9 +1,11 @@
 """Distillation losses for the DD student (method.md §4.3-4.5), pure torch.
 
 A training example is a pair (label, target token ids q (L,), noise eps (L, d)) and a timestep t drawn from the
-schedule's ``t_list``. The student reads X_t = [codebook[q_<t], eps_>=t] and must output the final sequence:
-* ``ce``: cross-entropy of the logits head against q at the predicted positions (i >= t);
-* ``mse``: squared error of the continuous head against codebook[q] at positions i >= max(t, split_t) (the
+schedule's ``t_list``. Timesteps (and ``split_t``) count AR steps: tokens for LlamaGen, scales for VAR; the student
+says how many leading tokens that is (``student.num_data_tokens(t)``, written n(t) below). The student reads
+X_t = [codebook[q_<n(t)], eps_>=n(t)] and must output the final sequence:
+* ``ce``: cross-entropy of the logits head against q at the predicted positions (i >= n(t));
+* ``mse``: squared error of the continuous head against codebook[q] at positions i >= max(n(t), n(split_t)) (the
   positions whose continuous output is used at inference), mean over positions and channels;
 * ``perceptual`` (optional): a feature-space distance between images decoded through the frozen tokenizer from
   [codebook[q] before the split, continuous predictions after it] and from codebook[q].
@@ -22,7 +24,7 @@ from dd.models.protocol import ARFamily
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Weights of the loss terms and the split between logits-head and continuous-head positions (in tokens)."""
+    """Weights of the loss terms and the split between logits-head and continuous-head positions (a timestep)."""
 
     ce_weight: float = 1.0
     mse_weight: float = 1.0
@@ -72,10 +74,12 @@ def dd_loss(student: torch.nn.Module, labels: torch.Tensor, target_ids: torch.Te
     x_t = student.perturb(data, t, noise)
     tokens, logits = student(x_t, labels, t)
     positions = torch.arange(target_ids.shape[1], device=t.device)[None, :]
-    predicted = positions >= t[:, None]
+    given = student.num_data_tokens(t).to(t.device)
+    predicted = positions >= given[:, None]
     ce_all = F.cross_entropy(logits.float().transpose(1, 2), target_ids, reduction="none")
     ce = _masked_mean(ce_all, predicted)
-    conti_mask = positions >= torch.clamp(t, min=config.split_t)[:, None]
+    split_tokens = int(student.num_data_tokens(config.split_t))
+    conti_mask = positions >= torch.clamp(given, min=split_tokens)[:, None]
     mse = _masked_mean((tokens.float() - data.float()).pow(2).mean(-1), conti_mask)
     zero = ce.new_zeros(())
     percep = zero
@@ -103,7 +107,7 @@ class FeaturePerceptualLoss(torch.nn.Module):
         self.features = features.eval().requires_grad_(False)
 
     def _feats(self, tokens: torch.Tensor) -> list[torch.Tensor]:
-        images = (self.family.tokenizer.decode_tokens(tokens, self.family.grid).clamp(-1, 1) + 1) / 2
+        images = (self.family.decode(tokens).clamp(-1, 1) + 1) / 2
         out = self.features(images)
         return list(out) if isinstance(out, (list, tuple)) else [out]
 

@@ -107,7 +107,7 @@ class FewStepSampler:
 
     def validate(self, num_timesteps: int, sequence_length: int) -> None:
         validate_t_list(self.t_list, num_timesteps)
-        validate_split(self.split_t, sequence_length)
+        validate_split(self.split_t, num_timesteps)
 
     def steps(self, num_timesteps: int) -> int:
         return len(self.t_list)
@@ -143,7 +143,7 @@ class TeacherInvolvedSampler:
 
     def validate(self, num_timesteps: int, sequence_length: int) -> None:
         validate_t_list(self.t_list, num_timesteps)
-        validate_split(self.split_t, sequence_length)
+        validate_split(self.split_t, num_timesteps)
         if len(self.t_list) != 2:
             validate_teacher_start(self.teacher_start_t, self.t_list)  # raises: exactly two timesteps needed
         second = self.t_list[1]

@@ -1,7 +1,10 @@
-"""The small protocol through which the rest of dd sees a model family (LlamaGen now, VAR next).
+"""The small protocol through which the rest of dd sees a model family (LlamaGen, VAR).
 
 A *timestep* t counts AR steps already taken: tokens for LlamaGen (0..256), scales for VAR (0..10). X_t holds data
-(codebook vectors) for the first ``data_length(t)`` tokens and the original noise for the rest.
+(codebook vectors) for the first ``data_length(t)`` tokens and the original noise for the rest. Token sequences are
+flat (B, L, d): raster order for LlamaGen, scale after scale (each in raster order) for VAR. Nothing outside
+``dd/models/<family>/`` branches on the family: everything it needs is here, plus the preset spec's
+``num_timesteps`` / ``sequence_length`` / ``num_classes`` / ``timestep_unit`` / ``export_keys`` and its builders.
 """
 
 from __future__ import annotations
@@ -16,7 +19,15 @@ from dd.sampling.logits import SamplingConfig
 
 @runtime_checkable
 class DDStudent(Protocol):
-    """What samplers and training need of a DD student."""
+    """What samplers and training need of a DD student. ``codebook`` (V, d) is the buffer predictions snap to."""
+
+    codebook: torch.Tensor
+
+    def num_data_tokens(self, t: torch.Tensor | int) -> torch.Tensor:
+        """Timesteps -> number of leading data tokens (elementwise); also converts ``split`` to a position."""
+        ...
+
+    def nearest_indices(self, x: torch.Tensor) -> torch.Tensor: ...
 
     def perturb(self, data: torch.Tensor, t: torch.Tensor | int, noise: torch.Tensor) -> torch.Tensor: ...
 
@@ -28,9 +39,12 @@ class DDStudent(Protocol):
 
 @runtime_checkable
 class ARFamily(Protocol):
-    """Teacher + tokenizer of one family, seen through sequence-level operations."""
+    """Teacher + tokenizer of one family, seen through sequence-level operations. ``tokenizer`` and ``teacher`` are
+    the underlying modules (Lightning tasks register them so they move to the device)."""
 
     name: str
+    tokenizer: torch.nn.Module
+    teacher: torch.nn.Module
     sequence_length: int  # L: tokens per image
     token_dim: int  # d: dimension of a codebook vector / noise token
     num_timesteps: int  # AR steps per image (t ranges over 0..num_timesteps)
@@ -51,5 +65,5 @@ class ARFamily(Protocol):
         ...
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Continuous token sequence (B, L, d) -> images (B, 3, H, W) in about [-1, 1]."""
+        """Continuous token sequence (B, L, d) -> images (B, 3, H, W) in about [-1, 1]; differentiable."""
         ...

@@ -13,12 +13,15 @@ import torch
 
 from dd.flow import FlowMapConfig, map_noise_to_tokens
 from dd.models.protocol import ARFamily
+from dd.sampling.choosers import token_positions
 from dd.sampling.logits import SamplingConfig
 from dd.sampling.seeds import per_sample_labels, per_sample_normal
 
 
 class FlowChooser:
-    """Token chooser that maps ``noise[:, position]`` through the flow map of the processed teacher distribution.
+    """Token chooser that maps each chosen token's own noise ``noise[:, position]`` through the flow map of its
+    processed teacher distribution: one token (log_probs (B, V)) or a whole scale at once (log_probs (B, n, V),
+    positions ``position .. position + n - 1``; the flow map solves all n tokens together, chunked over rows).
 
     noise (B, L, d); codebook (V, d). Records the snapping residual of every mapped token (diagnostic).
     """
@@ -30,8 +33,9 @@ class FlowChooser:
         self.residuals = torch.zeros(noise.shape[:2], dtype=torch.float32, device=noise.device)
 
     def __call__(self, log_probs: torch.Tensor, position: int) -> torch.Tensor:
-        result = map_noise_to_tokens(self.noise[:, position], log_probs, self.codebook, self.config)
-        self.residuals[:, position] = result.snap_residual.float()
+        where = token_positions(log_probs, position)
+        result = map_noise_to_tokens(self.noise[:, where], log_probs, self.codebook, self.config)
+        self.residuals[:, where] = result.snap_residual.float()
         return result.indices
 
 

@@ -51,9 +51,10 @@ def validate_t_list(t_list: Sequence[int], num_timesteps: int) -> tuple[int, ...
     return t_tuple
 
 
-def validate_split(split: int, sequence_length: int) -> int:
-    if not 0 <= int(split) <= sequence_length:
-        raise ValueError(f"split_t={split} outside the valid range 0..{sequence_length}")
+def validate_split(split: int, num_timesteps: int) -> int:
+    """split_t is a timestep (tokens for LlamaGen, scales for VAR): 0 .. num_timesteps."""
+    if not 0 <= int(split) <= num_timesteps:
+        raise ValueError(f"split_t={split} outside the valid range 0..{num_timesteps}")
     return int(split)
 
 

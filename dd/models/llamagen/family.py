@@ -55,8 +55,8 @@ class LlamaGenFamily:
             result = generate(self.teacher, labels, end_t - start_t, sampling, chooser, prefix=prefix_ids)
         return result.tokens
 
-    @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L, d) continuous tokens -> images (B, 3, H, W) in about [-1, 1] (differentiable: perceptual losses)."""
         return self.tokenizer.decode_tokens(tokens.float(), self.grid)
 
     @torch.no_grad()

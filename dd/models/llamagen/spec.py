@@ -60,6 +60,11 @@ class LlamaGenSpec:
             self._load(model, self.teacher, "teacher")
         return model.to(device).eval()
 
+    def meta_models(self) -> tuple[VQTokenizer, LlamaGenGPT, LlamaGenDDStudent]:
+        """Tokenizer, teacher and student on the meta device (shapes and parameter counts, no memory)."""
+        return (build_tokenizer(device="meta", **self.tokenizer.arch), build_teacher(device="meta", **self.teacher.arch),
+                build_student(device="meta", **self.student_arch))
+
     # -- layout, read from the YAML without building anything ----------------------------------------------------
     @property
     def num_timesteps(self) -> int:
@@ -76,6 +81,8 @@ class LlamaGenSpec:
 
     #: wrapper of exported students: ``{'ema': ..., 'model': ...}`` (official LlamaGen-DD layout)
     export_keys = ("ema", "model")
+    #: what a timestep counts (error messages)
+    timestep_unit = "tokens"
 
     def build_family(self, device: str | torch.device = "cpu", teacher_dtype: torch.dtype | None = None,
                      load_teacher: bool = True) -> LlamaGenFamily:

@@ -63,6 +63,10 @@ class LlamaGenDDStudent(nn.Module):
     def sequence_length(self) -> int:
         return self.block_size
 
+    def num_data_tokens(self, t: torch.Tensor | int) -> torch.Tensor:
+        """Timesteps -> number of leading data tokens (one token per timestep)."""
+        return torch.as_tensor(t).long()
+
     @staticmethod
     def data_mask(t: torch.Tensor, length: int) -> torch.Tensor:
         """(B, L) bool, True at positions i < t (given data tokens); t (B,) counts leading data tokens."""

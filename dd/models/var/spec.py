@@ -39,6 +39,8 @@ class VARSpec:
 
     #: wrapper of exported students: ``{'trainer': {'ema_parameters': ..., 'var_wo_ddp': ...}}`` (VAR-DD layout)
     export_keys = ("trainer.ema_parameters", "trainer.var_wo_ddp")
+    #: what a timestep counts (error messages)
+    timestep_unit = "scales"
 
     @property
     def patch_nums(self) -> tuple[int, ...]:
@@ -68,6 +70,11 @@ class VARSpec:
     @property
     def num_classes(self) -> int:
         return int(self.teacher.arch["num_classes"])
+
+    def meta_models(self) -> tuple[MultiScaleVQVAE, VARTransformer, VARDDStudent]:
+        """VQVAE, teacher and student on the meta device (shapes and parameter counts, no memory)."""
+        return (build_vqvae(device="meta", **self.tokenizer.arch), build_teacher(device="meta", **self.teacher_arch),
+                build_student(device="meta", **self.student_arch))
 
     # -- builders -------------------------------------------------------------------------------------------------
     def build_tokenizer(self, load: bool = True, device: str | torch.device = "cpu") -> MultiScaleVQVAE:
