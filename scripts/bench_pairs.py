@@ -1,10 +1,13 @@
 """Pair-generation throughput vs plain teacher sampling, side by side in one run.
 
 Measures pairs/s of the teacher's AR loop with (a) ordinary multinomial sampling and (b) the flow-matching map for
-several solver settings, at a real model size (default GPT-B shape over the VQ-16 codebook, random weights: speed
-does not depend on the values). Prints a markdown table with the flow-map overhead as a ratio.
+several solver settings, at a real model size (default GPT-B shape over the VQ-16 codebook; VAR-d16 shape over the
+4096 x 32 multi-scale codebook with ``--preset var_d16``; random weights: speed does not depend on the values), with
+the preset's own teacher sampling settings unless overridden. Prints a markdown table with the flow-map overhead as
+a ratio.
 
     python scripts/bench_pairs.py --preset gpt_b --batch 8 --repeats 3            # CPU
+    python scripts/bench_pairs.py --preset var_d16 --batch 8 --repeats 3          # CPU, VAR (one flow solve per scale)
     python scripts/bench_pairs.py --preset gpt_b --batch 256 --device cuda --dtype bf16
 """
 
@@ -16,14 +19,13 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
+
+import dataclasses
 
 from dd.flow import FlowMapConfig
-from dd.models.llamagen import LlamaGenFamily, build_teacher, build_tokenizer, generate
-from dd.models.llamagen.spec import random_weights
+from dd.models.presets import random_weights, spec_from_yaml
 from dd.pairs.generation import FlowChooser
 from dd.sampling.choosers import SeededMultinomialChooser
-from dd.sampling.logits import SamplingConfig
 from dd.sampling.seeds import per_sample_normal, per_sample_uniform, sample_seeds
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,21 +52,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--cfg-scale", type=float, default=2.0)
-    parser.add_argument("--top-k", type=int, default=8000)
+    parser.add_argument("--cfg-scale", type=float, default=None, help="default: the preset's sampling.cfg_scale")
+    parser.add_argument("--top-k", type=int, default=None, help="default: the preset's sampling.top_k")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     parser.add_argument("--out", default=None, help="also write the table to this markdown file")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    cfg = yaml.safe_load((REPO / "configs" / "model" / f"{args.preset}.yaml").read_text())
-    teacher = build_teacher(**cfg["teacher"]["arch"])
+    spec = spec_from_yaml(REPO / "configs" / "model" / f"{args.preset}.yaml")
+    teacher, tokenizer = spec.build_teacher(load=False), spec.build_tokenizer(load=False)
     random_weights(teacher, 0)
-    tokenizer = build_tokenizer(**cfg["tokenizer"]["arch"])
-    teacher, tokenizer = teacher.to(device).eval(), tokenizer.to(device).eval()
-    family = LlamaGenFamily(tokenizer, teacher)
-    sampling = SamplingConfig(cfg_scale=args.cfg_scale, top_k=args.top_k)
+    random_weights(tokenizer, 1)
+    family = spec.make_family(tokenizer.to(device).eval(), teacher.to(device).eval())
+    overrides = {"cfg_scale": args.cfg_scale, "top_k": args.top_k}
+    sampling = dataclasses.replace(spec.sampling, **{k: v for k, v in overrides.items() if v is not None})
     length, dim = family.sequence_length, family.token_dim
     seeds = sample_seeds(0, 0, args.batch)
     labels = torch.arange(args.batch, device=device) % family.num_classes
@@ -74,14 +76,14 @@ def main() -> None:
     def plain() -> None:
         chooser = SeededMultinomialChooser(per_sample_uniform(seeds, length, device=device))
         with autocast:
-            generate(teacher, labels, length, sampling, chooser)
+            family.teacher_generate(labels, 0, family.num_timesteps, None, sampling, chooser)
 
     def flow(setting: tuple[str, int, str]) -> None:
         solver, steps, grid = setting
         noise = per_sample_normal(seeds, (length, dim), device=device)
         chooser = FlowChooser(noise, codebook, FlowMapConfig(solver=solver, num_steps=steps, time_grid=grid))
         with autocast:
-            generate(teacher, labels, length, sampling, chooser)
+            family.teacher_generate(labels, 0, family.num_timesteps, None, sampling, chooser)
 
     plain()  # warm-up
     times: dict[str, list[float]] = {"multinomial": []}
@@ -93,7 +95,8 @@ def main() -> None:
             times[f"{setting[0]} {setting[1]} steps ({setting[2]})"].append(_time(lambda s=setting: flow(s), device))
     base = statistics.median(times["multinomial"])
     lines = [f"preset {args.preset} ({sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M teacher, "
-             f"{length} tokens, V={codebook.shape[0]}), batch {args.batch}, CFG {args.cfg_scale}, top-k {args.top_k},"
+             f"{length} tokens, V={codebook.shape[0]}), batch {args.batch}, CFG {sampling.cfg_scale}, top-k "
+             f"{sampling.top_k}, top-p {sampling.top_p},"
              f" device {device}, {args.dtype}, torch threads {torch.get_num_threads()}, median of {args.repeats}",
              "", "| token choice | s / batch | pairs/s | time vs multinomial | flow-map overhead |",
              "|---|---|---|---|---|"]

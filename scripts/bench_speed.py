@@ -4,18 +4,20 @@
 For each model size (preset YAML, random weights: speed does not depend on the values) and batch size, times the
 exact code paths of ``dd.eval`` (``dd.evaluation.samplers``):
 
-* ``teacher``: the teacher's own AR loop over the whole sequence (static KV cache, CFG and top-k from the preset's
-  ``sampling``: cfg 2.0, top-k 8000 for GPT-B/L), seeded multinomial draws;
-* ``DD 1-step`` (t_list [0]), ``DD 2-step`` (the preset's t_list, [0, 80]) and ``DD teacher-involved`` (student step,
-  teacher regenerates timesteps s .. 79, student step at 80; s = ``--teacher-start``, default 60 = Table 2's
-  "pre-trained-61-81", 22 steps);
-* ``decode``: the VQ-16 decoder (256 px for GPT-B/L), reported separately and added for the "total" columns.
+* ``teacher``: the teacher's own AR loop over the whole sequence (KV cache, CFG and top-k/top-p from the preset's
+  ``sampling``: cfg 2.0, top-k 8000 for GPT-B/L; VAR cfg 2.0, top-k 900, top-p 0.95), seeded multinomial draws;
+* ``DD 1-step`` (t_list [0]), ``DD 2-step`` (the preset's t_list: [0, 80] tokens for GPT-B/L, [0, 5] / [0, 4]
+  scales for VAR-d16 / d20) and ``DD teacher-involved`` (student step, teacher regenerates timesteps s .. t2-1,
+  student step at t2; s = ``--teacher-start``, default 3/4 of t2: 60 for GPT-B/L = Table 2's "pre-trained-61-81",
+  22 steps; 4 for VAR-d16 = "VAR-pre-trained-5-6", 3 steps);
+* ``decode``: the tokenizer's decoder (256 px), reported separately and added for the "total" columns.
 
 Honest timing: inputs prepared beforehand, ``--warmup`` untimed runs per measurement, CUDA synchronised around every
 timed call, median of ``--repeats``. Per-image time = batch time / batch size (batch 1 = latency, as in the paper).
 
     python scripts/bench_speed.py --quick                                   # CPU: GPT-B, batch 1 and 4
-    python scripts/bench_speed.py --device cuda --dtype bf16 --sizes gpt_b,gpt_l --batches 1,64 --repeats 5
+    python scripts/bench_speed.py --sizes var_d16,var_d20 --batches 1,8 --repeats 2 --threads 1   # CPU, VAR rows
+    python scripts/bench_speed.py --device cuda --dtype bf16 --sizes gpt_b,gpt_l,var_d16,var_d20 --batches 1,64
 """
 
 from __future__ import annotations
@@ -31,11 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
 from dd.evaluation.samplers import EvalModels, FewStepSampler, TeacherInvolvedSampler, TeacherSampler
-from dd.models.llamagen import LlamaGenFamily, build_student, build_teacher, build_tokenizer, make_spec
-from dd.models.llamagen.spec import random_weights
+from dd.models.presets import random_weights, spec_from_yaml
 from dd.sampling.seeds import per_sample_labels, per_sample_normal, per_sample_uniform, sample_seeds
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,21 +73,24 @@ def median_seconds(fn: Callable[[], object], device: torch.device, warmup: int, 
 
 def build_models(size: str, device: torch.device, dtype: torch.dtype | None, seed: int = 0):
     """Preset spec, family (tokenizer + teacher) and student, all with seeded random weights, on ``device``."""
-    spec = make_spec(**yaml.safe_load((REPO / "configs" / "model" / f"{size}.yaml").read_text()))
-    tokenizer = build_tokenizer(**spec.tokenizer.arch)
-    teacher = build_teacher(**spec.teacher.arch)
+    spec = spec_from_yaml(REPO / "configs" / "model" / f"{size}.yaml")
+    tokenizer, teacher = spec.build_tokenizer(load=False), spec.build_teacher(load=False)
     for i, model in enumerate((tokenizer, teacher)):
         random_weights(model, seed + i)
-    family = LlamaGenFamily(tokenizer.to(device).eval(), teacher.to(device).eval(), name=size, teacher_dtype=dtype)
-    student = build_student(codebook=family.codebook(), **spec.student_arch)
+    family = spec.make_family(tokenizer.to(device).eval(), teacher.to(device).eval(), teacher_dtype=dtype)
+    student = spec.build_student(family.codebook(), init="random")
     random_weights(student, seed + 2)
     student.set_codebook(family.codebook())
     return spec, family, student.to(device).eval()
 
 
-def methods(spec, teacher_start: int) -> list[tuple[str, object]]:
+def methods(spec, teacher_start: int | None) -> list[tuple[str, object]]:
+    """teacher_start None: 3/4 of the second timestep (GPT-B/L: 60 of 80 = Table 2's 22 steps; VAR-d16: 4 of 5
+    scales = Table 2's 3 steps)."""
     split, t_list = spec.default_split_t, tuple(spec.default_t_list)
-    num_timesteps = int(spec.teacher.arch["block_size"])
+    if teacher_start is None:
+        teacher_start = min(t_list[1] - 1, round(0.75 * t_list[1]))
+    num_timesteps = spec.num_timesteps
     chosen = [("teacher", TeacherSampler(spec.sampling)),
               ("DD 1-step", FewStepSampler((0,), split)),
               (f"DD 2-step t={list(t_list)}", FewStepSampler(t_list, split)),
@@ -171,7 +174,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batches", default="1,64", help="comma-separated batch sizes")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--teacher-start", type=int, default=60, help="teacher_start_t of the teacher-involved row")
+    parser.add_argument("--teacher-start", type=int, default=None,
+                        help="teacher_start_t of the teacher-involved row (default: 3/4 of t_list[1], 60 for GPT-B/L)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (0 = torch default; --quick uses 1: on small shared CPUs extra "
                              "OpenMP threads make the memory-bound AR steps much slower)")

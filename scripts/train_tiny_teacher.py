@@ -26,6 +26,7 @@ import argparse
 import datetime
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -107,8 +108,10 @@ def encode_split(tokenizer: VQTokenizer, data: FashionMNISTDataset, limit: int |
     return torch.cat(ids)
 
 
-def train(teacher: LlamaGenGPT, ids: torch.Tensor, labels: torch.Tensor, args: argparse.Namespace) -> dict:
-    """The training loop on pre-encoded ids (N, T); returns the loss curve and step count."""
+def train(teacher: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor, args: argparse.Namespace,
+          loss_fn: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] = next_token_loss) -> dict:
+    """The training loop on pre-encoded ids (N, T); ``loss_fn(teacher, labels, ids)`` is the family's objective
+    (LlamaGen's next-token loss by default). Returns the loss curve and step count."""
     generator = torch.Generator().manual_seed(args.seed)
     optimizer = torch.optim.AdamW(decay_parameter_groups(teacher, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
     start_time, step, curve, window = time.time(), 0, [], 0.0
@@ -118,7 +121,7 @@ def train(teacher: LlamaGenGPT, ids: torch.Tensor, labels: torch.Tensor, args: a
         by_time = (time.time() - start_time) / args.time_budget if args.time_budget else 0.0
         return max(step / args.steps, by_time)
 
-    bar = tqdm(total=args.steps, desc="teacher", mininterval=5.0)
+    bar = tqdm(total=args.steps, desc="teacher", mininterval=5.0, disable=None)
     teacher.train()
     while progress() < 1.0:
         if cursor + args.batch_size > len(order):
@@ -128,7 +131,7 @@ def train(teacher: LlamaGenGPT, ids: torch.Tensor, labels: torch.Tensor, args: a
         for group in optimizer.param_groups:
             group["lr"] = args.lr * warmup_cosine_factor(progress(), args.warmup, final_ratio=0.02)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.amp == "bf16"):
-            loss = next_token_loss(teacher, labels[index], ids[index])
+            loss = loss_fn(teacher, labels[index], ids[index])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(teacher.parameters(), 1.0)

@@ -61,6 +61,18 @@ def resolve_bundled(reference: str | None) -> str | None:
 Loader = Callable[..., Any]
 
 
+def spec_from_yaml(path: str | Path) -> Any:
+    """A preset spec from a ``configs/model/*.yaml`` file without Hydra: its ``_target_`` (a family's
+    ``make_spec``) is imported and called with the remaining entries (scripts and notebooks)."""
+    import importlib
+
+    import yaml
+
+    cfg = yaml.safe_load(Path(path).read_text())
+    module, _, name = str(cfg.pop("_target_")).rpartition(".")
+    return getattr(importlib.import_module(module), name)(**cfg)
+
+
 def load_component(model: torch.nn.Module, component: ComponentSpec, kind: str, preset: str,
                    loader: Loader) -> None:
     """Fill ``model`` from a component's reference: ``random:<seed>``, ``bundled://``, a path or ``hf://``.

@@ -90,8 +90,12 @@ class LlamaGenSpec:
         never run the teacher)."""
         teacher = self.build_teacher(device=device) if load_teacher else build_teacher(device="meta",
                                                                                       **self.teacher.arch)
-        return LlamaGenFamily(self.build_tokenizer(device=device), teacher, name=self.name,
-                              teacher_dtype=teacher_dtype)
+        return self.make_family(self.build_tokenizer(device=device), teacher, teacher_dtype)
+
+    def make_family(self, tokenizer: VQTokenizer, teacher: LlamaGenGPT, teacher_dtype: torch.dtype | None = None
+                    ) -> LlamaGenFamily:
+        """The family of already built modules (e.g. with random weights for speed benchmarks)."""
+        return LlamaGenFamily(tokenizer, teacher, name=self.name, teacher_dtype=teacher_dtype)
 
     def build_student(self, codebook: torch.Tensor, init: str = "teacher", checkpoint: str | None = None,
                       checkpoint_key: str | None = None, teacher: LlamaGenGPT | None = None,

@@ -94,7 +94,12 @@ class VARSpec:
         """VQVAE + teacher; ``load_teacher=False`` gives a shape-only teacher on the meta device."""
         teacher = self.build_teacher(device=device) if load_teacher else build_teacher(device="meta",
                                                                                       **self.teacher_arch)
-        return VARFamily(self.build_tokenizer(device=device), teacher, name=self.name, teacher_dtype=teacher_dtype,
+        return self.make_family(self.build_tokenizer(device=device), teacher, teacher_dtype)
+
+    def make_family(self, tokenizer: MultiScaleVQVAE, teacher: VARTransformer,
+                    teacher_dtype: torch.dtype | None = None) -> VARFamily:
+        """The family of already built modules (e.g. with random weights for speed benchmarks)."""
+        return VARFamily(tokenizer, teacher, name=self.name, teacher_dtype=teacher_dtype,
                          prefix_attention=self.prefix_attention)
 
     def build_student(self, codebook: torch.Tensor, init: str = "teacher", checkpoint: str | None = None,
