@@ -1,6 +1,6 @@
 """Train a tiny VAR multi-scale VQVAE (``dd.models.var.vqvae.MultiScaleVQVAE``) on Fashion-MNIST 32x32.
 
-Architecture (``TINY_ARCH``): codebook 256 x 16, base width 32, ch_mult (1, 2, 2) (4x down-sampling: an 8x8 latent),
+Architecture (the ``tokenizer.arch`` of ``configs/model/var_tiny.yaml``, the only size table): codebook 256 x 16, base width 32, ch_mult (1, 2, 2) (4x down-sampling: an 8x8 latent),
 1 ResNet block per encoder level (2 per decoder level), attention at the lowest resolution and in the middle,
 6 scales (1, 2, 3, 4, 6, 8) = 130 tokens, 4 shared Phi convs with quant_resi 0.5.
 
@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from tqdm import tqdm
 
 from dd.checkpoint import extract_state_dict, load_strict, read_checkpoint, save_state_dict
@@ -48,9 +49,8 @@ from train_tiny_tokenizer import Progress, batch_images, repo_relative  # script
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LOG_EVERY = 50
-TINY_ARCH: dict = dict(vocab_size=256, z_channels=16, ch=32, ch_mult=[1, 2, 2], num_res_blocks=1,
-                       v_patch_nums=[1, 2, 3, 4, 6, 8], quant_conv_ks=3, quant_resi=0.5, share_quant_resi=4,
-                       using_znorm=False)
+PRESET = REPO_ROOT / "configs" / "model" / "var_tiny.yaml"
+TINY_ARCH: dict = yaml.safe_load(PRESET.read_text())["tokenizer"]["arch"]
 
 
 def parse_args() -> argparse.Namespace:
