@@ -110,7 +110,21 @@ def extract_state_dict(obj: Any, kind: str = "teacher", key: str | None = None) 
     available = sorted(obj.keys()) if isinstance(obj, Mapping) else type(obj).__name__
     wanted = f"key {key!r}" if key else f"any of {list(candidates)} or a raw state dict"
     raise CheckpointError(f"no state dict found under {wanted}; top-level entries: {available}. "
-                          f"Choose the entry with the checkpoint key option (e.g. checkpoint_key=model).")
+                          + _other_layout_hint(obj, kind) +
+                          "Choose the entry with the checkpoint key option (e.g. checkpoint_key=model).")
+
+
+def _other_layout_hint(obj: Any, kind: str) -> str:
+    """Name the kind of file this is when its layout belongs to another kind (e.g. a VAR-DD student file,
+    ``{'trainer': {'ema_parameters': ...}}``, given where a teacher is expected)."""
+    for other, keys in DEFAULT_KEYS.items():
+        if other == kind:
+            continue
+        found = next((k for k in keys if _is_state_dict(_lookup(obj, k))), None)
+        if found is not None and "." in found:
+            return (f"The file holds weights under {found!r}, the layout of a DD student file: load it as a "
+                    f"student, not as a {kind}. ")
+    return ""
 
 
 def _clean(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

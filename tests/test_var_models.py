@@ -140,9 +140,6 @@ def test_student_file_loaded_as_teacher_is_refused(var_test: VARSpec, var_test_f
                      key="trainer.ema_parameters")
 
 
-@pytest.mark.xfail(strict=True, reason="dd.checkpoint: kind='teacher' does not look inside the VAR-DD 'trainer' "
-                                       "wrapper, so the error says 'no state dict found' instead of naming a DD "
-                                       "student file")
 def test_student_file_loaded_as_teacher_names_the_cause(var_test: VARSpec, var_test_files: dict[str, Path]) -> None:
     with pytest.raises(CheckpointError, match="DD student"):
         load_weights(build_teacher(**var_test.teacher_arch), var_test_files["student"], kind="teacher")
