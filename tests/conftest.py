@@ -21,10 +21,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _official_dir() -> Path:
+    """The official-layout parity fixtures: the copy inside the repository, unless DD_OFFICIAL_FIXTURES names
+    another folder (tests never read outside the repository unless an environment variable says so)."""
     env = os.environ.get("DD_OFFICIAL_FIXTURES")
     if env:
         return Path(env)
-    return REPO_ROOT.parent / "shared" / "fixtures" / "official"
+    return REPO_ROOT / "tests" / "fixtures" / "official"
 
 
 OFFICIAL_DIR = _official_dir()
@@ -50,7 +52,8 @@ def _isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def load_official(name: str) -> dict:
     path = OFFICIAL_DIR / name
     if not path.is_file():
-        pytest.fail(f"official fixture {path} missing: set DD_OFFICIAL_FIXTURES to the fixtures/official folder")
+        pytest.fail(f"official fixture {path} missing: restore tests/fixtures/official (git checkout) or set "
+                    f"DD_OFFICIAL_FIXTURES to a folder holding the official fixtures")
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
