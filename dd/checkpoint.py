@@ -37,19 +37,40 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be found, read or matched to the model it was meant for."""
 
 
-def resolve_reference(reference: str | os.PathLike[str]) -> Path:
-    """Turn a local path or an ``hf://org/repo/path`` reference into an existing local file path."""
+class MissingWeightsError(CheckpointError):
+    """A referenced weights file is not available here. ``fix`` says, in one clause, how to provide it."""
+
+    def __init__(self, message: str, reference: str, fix: str) -> None:
+        super().__init__(message)
+        self.reference, self.fix = reference, fix
+
+
+#: the config key that overrides each kind of weights file (for hints)
+CONFIG_KEYS = {"tokenizer": "model.tokenizer.checkpoint", "teacher": "model.teacher.checkpoint",
+               "student": "model.student.checkpoint"}
+
+
+def _override_hint(filename: str, config_key: str | None) -> str:
+    key = config_key or "model.<tokenizer|teacher|student>.checkpoint"
+    return f"pass {key}=/path/to/{Path(filename).name}"
+
+
+def resolve_reference(reference: str | os.PathLike[str], config_key: str | None = None) -> Path:
+    """Turn a local path or an ``hf://org/repo/path`` reference into an existing local file path.
+
+    ``config_key`` (e.g. ``model.teacher.checkpoint``) is named in the error as the setting that takes a local file.
+    """
     text = str(reference)
     if text.startswith(HF_PREFIX):
-        return _download_hf(text)
+        return _download_hf(text, config_key)
     path = Path(text).expanduser()
     if not path.is_file():
-        raise CheckpointError(f"checkpoint file not found: {path}. Pass an existing local path or an "
-                              f"hf://<org>/<repo>/<file> reference.")
+        fix = _override_hint(path.name, config_key) + " with an existing file (or an hf://<org>/<repo>/<file> reference)"
+        raise MissingWeightsError(f"checkpoint file not found: {path}; {fix}.", text, fix)
     return path
 
 
-def _download_hf(reference: str) -> Path:
+def _download_hf(reference: str, config_key: str | None = None) -> Path:
     parts = reference[len(HF_PREFIX):].split("/")
     if len(parts) < 3 or not all(parts):
         raise CheckpointError(f"malformed reference {reference!r}: expected hf://<org>/<repo>/<path/in/repo>")
@@ -61,17 +82,15 @@ def _download_hf(reference: str) -> Path:
     except Exception as err:  # huggingface_hub raises several classes for offline / missing files
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         hint = ("HF_HUB_OFFLINE is set and the file is not in the local Hugging Face cache. " if offline else "")
-        raise CheckpointError(
-            f"could not fetch {reference} ({type(err).__name__}: {err}). {hint}Download it on a machine with "
-            f"network access (huggingface-cli download {repo_id} {filename}) and pass the local file path instead, "
-            f"e.g. model.teacher.checkpoint=/path/to/{Path(filename).name} (or model.tokenizer / model.student, "
-            f"student.checkpoint for dd.eval)."
-        ) from err
+        fix = (f"download it where there is network access (huggingface-cli download {repo_id} {filename}) and "
+               + _override_hint(filename, config_key))
+        raise MissingWeightsError(f"could not fetch {reference} ({type(err).__name__}: {err}). {hint}To use it, "
+                                  f"{fix}.", reference, fix) from err
 
 
-def read_checkpoint(reference: str | os.PathLike[str]) -> Any:
+def read_checkpoint(reference: str | os.PathLike[str], config_key: str | None = None) -> Any:
     """Load a checkpoint object safely (CPU, weights_only=True)."""
-    path = resolve_reference(reference)
+    path = resolve_reference(reference, config_key)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)

@@ -155,7 +155,10 @@ def test_hf_reference_offline_fails_fast_with_hint(monkeypatch: pytest.MonkeyPat
         resolve_reference("hf://microsoft/distilled_decoding/LlamaGen-DD/llamagen-B.pt")
     assert time.monotonic() - start < 10
     text = str(err.value)
-    assert "HF_HUB_OFFLINE" in text and "local file path" in text and "llamagen-B.pt" in text
+    assert "HF_HUB_OFFLINE" in text and "huggingface-cli download microsoft/distilled_decoding" in text
+    assert "/path/to/llamagen-B.pt" in text
+    with pytest.raises(CheckpointError, match=r"pass model\.student\.checkpoint=/path/to/llamagen-B\.pt"):
+        resolve_reference("hf://microsoft/distilled_decoding/LlamaGen-DD/llamagen-B.pt", "model.student.checkpoint")
     with pytest.raises(CheckpointError, match="malformed reference"):
         resolve_reference("hf://only-org/file.pt")
 

@@ -179,11 +179,11 @@ def test_hf_reference_offline_fails_fast_with_hint() -> None:
     assert time.monotonic() - start < 2.0
     text = str(err.value)
     assert "HF_HUB_OFFLINE" in text and "hf://FoundationVision/var/vae_ch160v4096z32.pth" in text
-    assert "pass the local file path" in text and "model.tokenizer" in text
+    assert "pass model.tokenizer.checkpoint=/path/to/vae_ch160v4096z32.pth" in text
     start = time.monotonic()
-    with pytest.raises(CheckpointError, match="pass the local file path"):
-        spec.build_tokenizer()
-    assert time.monotonic() - start < 10.0
+    with pytest.raises(CheckpointError, match="model.tokenizer.checkpoint="):
+        spec.build_tokenizer()  # the reference is resolved before the 109M-parameter model is built
+    assert time.monotonic() - start < 2.0
 
 
 # -- generation invariants (random weights) --------------------------------------------------------------------------

@@ -7,14 +7,16 @@ into models on demand. ``bundled://<file>`` resolves to weights shipped inside t
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dd.checkpoint import CheckpointError
+from dd.checkpoint import CONFIG_KEYS, CheckpointError, MissingWeightsError, resolve_reference
 
 ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
 BUNDLED_PREFIX = "bundled://"
@@ -59,6 +61,32 @@ def resolve_bundled(reference: str | None) -> str | None:
 
 
 Loader = Callable[..., Any]
+
+
+def with_local_weights(spec: Any, kinds: Iterable[str]) -> Any:
+    """A copy of a preset spec whose ``kinds`` components ("tokenizer", "teacher", "student") point at local files.
+
+    Every reference is resolved *before* anything is built (``hf://`` through the Hugging Face cache, ``bundled://``
+    to the package assets), so a run that lacks weights fails in about a second, with one message naming every
+    missing file and the setting that takes a local path, instead of after building a large model."""
+    resolved, missing = {}, []
+    for kind in kinds:
+        component = getattr(spec, kind)
+        reference = component.checkpoint
+        if reference is None or str(reference).startswith(RANDOM_PREFIX):
+            continue
+        try:
+            path = resolve_reference(resolve_bundled(str(reference)), CONFIG_KEYS.get(kind))
+        except MissingWeightsError as err:
+            missing.append(f"{kind} {err.reference} ({err.fix})")
+            continue
+        resolved[kind] = dataclasses.replace(component, checkpoint=str(path))
+    if missing:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        where = " offline (HF_HUB_OFFLINE is set)" if offline else ""
+        raise MissingWeightsError(f"preset {spec.name} needs weights that are not available{where}: "
+                                  + "; ".join(missing) + ".", ", ".join(missing), "see above")
+    return dataclasses.replace(spec, **resolved)
 
 
 def spec_from_yaml(path: str | Path) -> Any:

@@ -6,6 +6,7 @@ The YAML is the only size table. A spec builds and loads models on demand; nothi
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,7 @@ from dd.models.llamagen.gpt import LlamaGenGPT
 from dd.models.llamagen.student import LlamaGenDDStudent
 from dd.models.llamagen.tokenizer import VQTokenizer
 from dd.models.presets import (  # noqa: F401  (re-exported: scripts and tests import them from here)
+    with_local_weights,
     ASSETS_DIR,
     BUNDLED_PREFIX,
     RANDOM_PREFIX,
@@ -49,15 +51,17 @@ class LlamaGenSpec:
         return {**self.teacher.arch, **self.student.arch}
 
     def build_tokenizer(self, load: bool = True, device: str | torch.device = "cpu") -> VQTokenizer:
+        spec = with_local_weights(self, ("tokenizer",)) if load else self
         model = build_tokenizer(**self.tokenizer.arch)
         if load:
-            self._load(model, self.tokenizer, "tokenizer")
+            spec._load(model, spec.tokenizer, "tokenizer")
         return model.to(device).eval()
 
     def build_teacher(self, load: bool = True, device: str | torch.device = "cpu") -> LlamaGenGPT:
+        spec = with_local_weights(self, ("teacher",)) if load else self
         model = build_teacher(**self.teacher.arch)
         if load:
-            self._load(model, self.teacher, "teacher")
+            spec._load(model, spec.teacher, "teacher")
         return model.to(device).eval()
 
     def meta_models(self) -> tuple[VQTokenizer, LlamaGenGPT, LlamaGenDDStudent]:
@@ -88,9 +92,10 @@ class LlamaGenSpec:
                      load_teacher: bool = True) -> LlamaGenFamily:
         """Tokenizer + teacher; ``load_teacher=False`` gives a shape-only teacher on the meta device (samplers that
         never run the teacher)."""
-        teacher = self.build_teacher(device=device) if load_teacher else build_teacher(device="meta",
+        spec = with_local_weights(self, ("tokenizer", "teacher") if load_teacher else ("tokenizer",))
+        teacher = spec.build_teacher(device=device) if load_teacher else build_teacher(device="meta",
                                                                                       **self.teacher.arch)
-        return self.make_family(self.build_tokenizer(device=device), teacher, teacher_dtype)
+        return self.make_family(spec.build_tokenizer(device=device), teacher, teacher_dtype)
 
     def make_family(self, tokenizer: VQTokenizer, teacher: LlamaGenGPT, teacher_dtype: torch.dtype | None = None
                     ) -> LlamaGenFamily:
@@ -102,12 +107,16 @@ class LlamaGenSpec:
                       device: str | torch.device = "cpu") -> LlamaGenDDStudent:
         """init: "teacher" (official DD init from the teacher), "checkpoint" (a DD student file: ``checkpoint`` or
         the preset's), or "random"."""
+        spec = self
+        if init == "checkpoint":  # resolve (and fail on a missing file) before building the model
+            student = ComponentSpec({}, checkpoint or self.student.checkpoint,
+                                    checkpoint_key or self.student.checkpoint_key)
+            spec = with_local_weights(dataclasses.replace(self, student=student), ("student",))
         model = build_student(codebook=codebook, **self.student_arch)
         if init == "teacher":
             model.init_from_teacher(teacher if teacher is not None else self.build_teacher())
         elif init == "checkpoint":
-            source = ComponentSpec({}, checkpoint or self.student.checkpoint, checkpoint_key or self.student.checkpoint_key)
-            self._load(model, source, "student")
+            spec._load(model, spec.student, "student")
         elif init != "random":
             raise ValueError(f"init={init!r}: expected 'teacher', 'checkpoint' or 'random'")
         return model.to(device)

@@ -7,12 +7,13 @@ YAML is the only size table; nothing is built at construction.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from dd.models.presets import ComponentSpec, component_from_config, load_component
+from dd.models.presets import ComponentSpec, component_from_config, load_component, with_local_weights
 from dd.models.var.builders import build_student, build_teacher, build_vqvae, load_weights
 from dd.models.var.family import VARFamily
 from dd.models.var.student import VARDDStudent
@@ -78,23 +79,26 @@ class VARSpec:
 
     # -- builders -------------------------------------------------------------------------------------------------
     def build_tokenizer(self, load: bool = True, device: str | torch.device = "cpu") -> MultiScaleVQVAE:
+        spec = with_local_weights(self, ("tokenizer",)) if load else self
         model = build_vqvae(**self.tokenizer.arch)
         if load:
-            load_component(model, self.tokenizer, "tokenizer", self.name, load_weights)
+            load_component(model, spec.tokenizer, "tokenizer", self.name, load_weights)
         return model.to(device).eval()
 
     def build_teacher(self, load: bool = True, device: str | torch.device = "cpu") -> VARTransformer:
+        spec = with_local_weights(self, ("teacher",)) if load else self
         model = build_teacher(**self.teacher_arch)
         if load:
-            load_component(model, self.teacher, "teacher", self.name, load_weights)
+            load_component(model, spec.teacher, "teacher", self.name, load_weights)
         return model.to(device).eval()
 
     def build_family(self, device: str | torch.device = "cpu", teacher_dtype: torch.dtype | None = None,
                      load_teacher: bool = True) -> VARFamily:
         """VQVAE + teacher; ``load_teacher=False`` gives a shape-only teacher on the meta device."""
-        teacher = self.build_teacher(device=device) if load_teacher else build_teacher(device="meta",
+        spec = with_local_weights(self, ("tokenizer", "teacher") if load_teacher else ("tokenizer",))
+        teacher = spec.build_teacher(device=device) if load_teacher else build_teacher(device="meta",
                                                                                       **self.teacher_arch)
-        return self.make_family(self.build_tokenizer(device=device), teacher, teacher_dtype)
+        return self.make_family(spec.build_tokenizer(device=device), teacher, teacher_dtype)
 
     def make_family(self, tokenizer: MultiScaleVQVAE, teacher: VARTransformer,
                     teacher_dtype: torch.dtype | None = None) -> VARFamily:
@@ -107,12 +111,16 @@ class VARSpec:
                       device: str | torch.device = "cpu") -> VARDDStudent:
         """init: "teacher" (official DD init from the teacher), "checkpoint" (a DD student file: ``checkpoint`` or
         the preset's; EMA entry unless ``checkpoint_key`` names another, e.g. ``trainer.var_wo_ddp``), "random"."""
+        spec = self
+        if init == "checkpoint":  # resolve (and fail on a missing file) before building the model
+            student = ComponentSpec({}, checkpoint or self.student.checkpoint,
+                                    checkpoint_key or self.student.checkpoint_key)
+            spec = with_local_weights(dataclasses.replace(self, student=student), ("student",))
         model = build_student(codebook=codebook, **self.student_arch)
         if init == "teacher":
             model.init_from_teacher(teacher if teacher is not None else self.build_teacher())
         elif init == "checkpoint":
-            source = ComponentSpec({}, checkpoint or self.student.checkpoint, checkpoint_key or self.student.checkpoint_key)
-            load_component(model, source, "student", self.name, load_weights)
+            load_component(model, spec.student, "student", self.name, load_weights)
         elif init != "random":
             raise ValueError(f"init={init!r}: expected 'teacher', 'checkpoint' or 'random'")
         return model.to(device)
