@@ -22,6 +22,9 @@ from test_pairs import compose_cfg
 NUM_PAIRS = 2560
 VAL_EVERY = 10
 
+# About 5 minutes on 2 cores (pairs plus 500 real training steps): in `python -m pytest -m slow`, which CI runs too.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
