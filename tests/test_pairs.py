@@ -1,4 +1,9 @@
-"""Pair generation: distribution of flow-mapped sequences, shard format, resume, kill-and-restart, 1 vs 2 ranks."""
+"""Pair generation: distribution of flow-mapped sequences, shard format, resume, kill-and-restart, 1 vs 2 ranks.
+
+Everything about the shard format, resuming and ranks runs for both families' random presets (gpt_test: 16 tokens
+one at a time; var_test: 4 scales = 30 tokens, a whole scale per step). The subprocess tests (kill-and-restart,
+two ranks) take ~20 s per preset, mostly interpreter and Lightning start-up; for VAR they are the only check that
+whole-scale flow mapping is independent of batch size and of the rank sharding, so both presets run by default."""
 
 from __future__ import annotations
 
@@ -7,16 +12,18 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from dd.flow import FlowMapConfig
 from dd.generate_pairs import run
-from dd.models.llamagen import generate, make_spec
 from dd.pairs import PairDataset, PairExpectation, PairFormatError, generate_pair_batch, make_labels
 from dd.pairs.shards import check_settings_match, read_manifest, shard_path
 from dd.sampling.choosers import SeededMultinomialChooser
@@ -24,11 +31,20 @@ from dd.sampling.seeds import per_sample_normal, per_sample_uniform, sample_seed
 
 from conftest import REPO_ROOT
 
+PRESETS = ("gpt_test", "var_test")
+#: (sequence_length, token_dim, vocab_size, num_classes) the random test presets must have
+LAYOUTS = {"gpt_test": PairExpectation(16, 8, 64, 4), "var_test": PairExpectation(30, 8, 64, 4)}
+
 
 def compose_cfg(name: str, overrides: list[str]) -> dict:
     with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base="1.3"):
         cfg = compose(name, overrides=overrides)
     return OmegaConf.to_container(cfg, resolve=True)
+
+
+def build_spec(cfg: dict) -> Any:
+    """The preset spec of a composed config, as the entry points build it (the family comes from ``_target_``)."""
+    return instantiate(cfg["model"], _convert_="all")
 
 
 def _pair_overrides(out: Path, **extra: object) -> list[str]:
@@ -43,10 +59,15 @@ def _all_indices(directory: Path) -> torch.Tensor:
     return torch.cat([s["indices"].long() for s in shards])
 
 
+@pytest.fixture(scope="module", params=PRESETS)
+def preset(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("ref")
-    manifest = run(compose_cfg("generate_pairs", _pair_overrides(out)))
+def reference_run(preset: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp(f"ref_{preset}")
+    manifest = run(compose_cfg("generate_pairs", _pair_overrides(out, model=preset)))
     assert manifest["complete"] and manifest["num_written"] == 90
     return out / "pairs"
 
@@ -58,21 +79,27 @@ def _tv(a: torch.Tensor, b: torch.Tensor, vocab: int) -> float:
     return float((ha / ha.sum(1, keepdim=True) - hb / hb.sum(1, keepdim=True)).abs().sum(1).mean() / 2)
 
 
-def test_flow_mapped_sequences_follow_the_teacher_distribution() -> None:
-    """Per-position histograms of flow-mapped generation agree with multinomial generation within sampling noise:
-    TV(flow, multinomial) is compared with TV(multinomial, independent multinomial) of the same size."""
-    cfg = compose_cfg("generate_pairs", ["model=gpt_test"])
-    spec = make_spec(**cfg["model"])
+def _flow_and_multinomial(preset: str, n: int) -> tuple[Any, torch.Tensor, list[torch.Tensor]]:
+    """The family, flow-mapped token ids of n samples with balanced labels, and two independent multinomial
+    generations (seeded uniforms) of the same labels through the family's teacher."""
+    cfg = compose_cfg("generate_pairs", [f"model={preset}"])
+    spec = build_spec(cfg)
     family = spec.build_family()
-    n = 3000
     seeds = sample_seeds(0, 0, n)
     labels = make_labels(seeds, family.num_classes, "balanced", range(n))
     flow = generate_pair_batch(family, seeds, labels, spec.sampling, FlowMapConfig(**cfg["flow"])).indices
     draws = []
     for base in (10**6, 2 * 10**6):
         uniforms = per_sample_uniform(sample_seeds(base, 0, n), family.sequence_length)
-        draws.append(generate(family.teacher, labels, family.sequence_length, spec.sampling,
-                              SeededMultinomialChooser(uniforms)).tokens)
+        chooser = SeededMultinomialChooser(uniforms)
+        draws.append(family.teacher_generate(labels, 0, family.num_timesteps, None, spec.sampling, chooser))
+    return family, flow, draws
+
+
+def test_flow_mapped_sequences_follow_the_teacher_distribution() -> None:
+    """Per-position histograms of flow-mapped generation agree with multinomial generation within sampling noise:
+    TV(flow, multinomial) is compared with TV(multinomial, independent multinomial) of the same size."""
+    family, flow, draws = _flow_and_multinomial("gpt_test", 3000)
     vocab = family.codebook().shape[0]
     tv_flow = _tv(flow, draws[0], vocab)
     tv_noise = _tv(draws[1], draws[0], vocab)
@@ -81,16 +108,37 @@ def test_flow_mapped_sequences_follow_the_teacher_distribution() -> None:
     assert _tv((flow + 1) % vocab, draws[0], vocab) > 2 * tv_noise
 
 
-def test_pairs_are_deterministic_and_regenerate_noise(reference_run: Path) -> None:
-    cfg = compose_cfg("generate_pairs", ["model=gpt_test"])
-    spec = make_spec(**cfg["model"])
+def test_flow_mapped_scales_follow_the_teacher_distribution() -> None:
+    """VAR: the flow map chooses a whole scale at once. Per-position histograms agree with multinomial generation as
+    above, and so do the histograms of each scale's tokens pooled. Scale 0 is a single position, whose TV ratio
+    alone fluctuates by ~15% (std, simulated for one 64-way distribution), hence the looser per-scale bound."""
+    family, flow, draws = _flow_and_multinomial("var_test", 3000)
+    assert flow.shape == draws[0].shape == (3000, 30)
+    vocab = family.codebook().shape[0]
+    tv_flow = _tv(flow, draws[0], vocab)
+    tv_noise = _tv(draws[1], draws[0], vocab)
+    assert tv_flow < 1.2 * tv_noise, (tv_flow, tv_noise)
+    assert _tv((flow + 1) % vocab, draws[0], vocab) > 2 * tv_noise
+    ends = [family.data_length(t) for t in range(family.num_timesteps + 1)]
+    assert ends == [0, 1, 5, 14, 30]
+    for scale, (begin, stop) in enumerate(zip(ends, ends[1:])):
+        pooled = [ids[:, begin:stop].reshape(-1, 1) for ids in (flow, *draws)]
+        scale_flow, scale_noise = _tv(pooled[0], pooled[1], vocab), _tv(pooled[2], pooled[1], vocab)
+        assert scale_flow < 1.5 * scale_noise, (scale, scale_flow, scale_noise)
+        assert _tv((pooled[0] + 1) % vocab, pooled[1], vocab) > 2 * scale_noise, scale
+
+
+def test_pairs_are_deterministic_and_regenerate_noise(preset: str, reference_run: Path) -> None:
+    cfg = compose_cfg("generate_pairs", [f"model={preset}"])
+    spec = build_spec(cfg)
     family = spec.build_family()
     expect = PairExpectation(family.sequence_length, family.token_dim, 64, family.num_classes)
+    assert expect == LAYOUTS[preset]
     data = PairDataset(reference_run, expect)
     assert len(data) == 90
     item = data[37]
     assert int(item["sample_id"]) == 37
-    assert torch.equal(item["noise"], per_sample_normal([37], (16, 8))[0])
+    assert torch.equal(item["noise"], per_sample_normal([37], (expect.sequence_length, expect.token_dim))[0])
     batch = generate_pair_batch(family, [37], item["label"][None], spec.sampling, FlowMapConfig(**cfg["flow"]))
     assert torch.equal(batch.indices[0], item["indices"])
     holdout = PairDataset(reference_run, expect, sample_filter=lambda i: i % 10 == 0)
@@ -100,11 +148,12 @@ def test_pairs_are_deterministic_and_regenerate_noise(reference_run: Path) -> No
     assert all(len(e["sha256"]) == 64 for e in manifest["shards"])
 
 
-def test_reader_rejects_mismatched_model_and_corruption(reference_run: Path, tmp_path: Path) -> None:
-    with pytest.raises(PairFormatError, match="sequence_length pairs=16 model=64"):
-        PairDataset(reference_run, PairExpectation(64, 8, 64, 4))
+def test_reader_rejects_mismatched_model_and_corruption(preset: str, reference_run: Path, tmp_path: Path) -> None:
+    expect = LAYOUTS[preset]
+    with pytest.raises(PairFormatError, match=f"sequence_length pairs={expect.sequence_length} model=64"):
+        PairDataset(reference_run, replace(expect, sequence_length=64))
     with pytest.raises(PairFormatError, match="different teacher"):
-        PairDataset(reference_run, PairExpectation(16, 8, 64, 4, teacher_sha256="0" * 64))
+        PairDataset(reference_run, replace(expect, teacher_sha256="0" * 64))
     copy = tmp_path / "pairs"
     copy.mkdir()
     for f in reference_run.iterdir():
@@ -112,12 +161,12 @@ def test_reader_rejects_mismatched_model_and_corruption(reference_run: Path, tmp
     shard = copy / "shard-000001.pt"
     shard.write_bytes(shard.read_bytes()[:-10] + b"0123456789")
     with pytest.raises(PairFormatError, match="checksum"):
-        PairDataset(copy, PairExpectation(16, 8, 64, 4))
+        PairDataset(copy, expect)
 
 
-def test_resume_skips_complete_shards_and_repairs_damage(reference_run: Path, tmp_path: Path) -> None:
+def test_resume_skips_complete_shards_and_repairs_damage(preset: str, reference_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    overrides = _pair_overrides(out)
+    overrides = _pair_overrides(out, model=preset)
     run(compose_cfg("generate_pairs", overrides))
     pairs = out / "pairs"
     kept = shard_path(pairs, 0).stat().st_mtime_ns
@@ -137,15 +186,15 @@ def test_resume_with_other_settings_is_refused(reference_run: Path) -> None:
         check_settings_match(existing, {**existing, "seed_base": 5})
 
 
-def _cli(out: Path, shard_size: int = 16, batch_size: int = 16, *extra: str) -> list[str]:
-    overrides = _pair_overrides(out, num_pairs=160, shard_size=shard_size, batch_size=batch_size)
+def _cli(out: Path, preset: str, shard_size: int = 16, batch_size: int = 16, *extra: str) -> list[str]:
+    overrides = _pair_overrides(out, model=preset, num_pairs=160, shard_size=shard_size, batch_size=batch_size)
     return [sys.executable, "-m", "dd.generate_pairs", *overrides, *extra]
 
 
-def test_kill_and_restart_loses_and_duplicates_nothing(reference_run: Path, tmp_path: Path) -> None:
+def test_kill_and_restart_loses_and_duplicates_nothing(preset: str, reference_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "killed"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(_cli(out, batch_size=4), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_cli(out, preset, batch_size=4), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 120
     pairs = out / "pairs"
@@ -156,21 +205,21 @@ def test_kill_and_restart_loses_and_duplicates_nothing(reference_run: Path, tmp_
     written = len(list(pairs.glob("shard-*.pt")))
     assert 2 <= written < 10, f"kill landed after {written} of 10 shards"
     assert not read_manifest(pairs)["complete"]
-    subprocess.run(_cli(out, batch_size=4), cwd=tmp_path, env=env, check=True, capture_output=True)
+    subprocess.run(_cli(out, preset, batch_size=4), cwd=tmp_path, env=env, check=True, capture_output=True)
     manifest = read_manifest(pairs)
     assert manifest["complete"] and manifest["num_written"] == 160
     ids = torch.cat([torch.load(pairs / e["file"], weights_only=True)["sample_ids"] for e in manifest["shards"]])
     assert torch.equal(ids, torch.arange(160))
     ref = tmp_path / "uninterrupted"
-    subprocess.run(_cli(ref, batch_size=32), cwd=tmp_path, env=env, check=True, capture_output=True)
+    subprocess.run(_cli(ref, preset, batch_size=32), cwd=tmp_path, env=env, check=True, capture_output=True)
     assert torch.equal(_all_indices(pairs), _all_indices(ref / "pairs"))
 
 
-def test_two_cpu_ranks_write_the_same_pairs_as_one(tmp_path: Path) -> None:
+def test_two_cpu_ranks_write_the_same_pairs_as_one(preset: str, tmp_path: Path) -> None:
     env = dict(os.environ)
     one, two = tmp_path / "one", tmp_path / "two"
-    subprocess.run(_cli(one), cwd=tmp_path, env=env, check=True, capture_output=True)
-    result = subprocess.run(_cli(two, 24, 16, "trainer.devices=2"), cwd=tmp_path, env=env,
+    subprocess.run(_cli(one, preset), cwd=tmp_path, env=env, check=True, capture_output=True)
+    result = subprocess.run(_cli(two, preset, 24, 16, "trainer.devices=2"), cwd=tmp_path, env=env,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert read_manifest(two / "pairs")["complete"]
