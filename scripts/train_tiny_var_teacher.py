@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import math
 import time
 from pathlib import Path
@@ -57,6 +58,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--preset", type=Path, default=PRESET)
     parser.add_argument("--tokenizer", type=Path, default=None, help="VQVAE weights; default: the preset's")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="continue from these teacher weights (a second stage: its record keeps the first's)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "dd" / "assets" / "var_tiny_teacher.pt")
     parser.add_argument("--record", type=Path, default=None, help="default: var_tiny_record.json next to --out")
     parser.add_argument("--image", type=Path, default=REPO_ROOT / "docs" / "img" / "var_tiny_teacher_samples.png")
@@ -110,7 +113,13 @@ def main() -> None:
     test_ids = encode_split(vqvae, test_data, args.limit_images)
     encode_seconds = round(time.time() - encode_start, 1)
 
-    teacher = spec.build_teacher(load=False).train()
+    teacher = spec.build_teacher(load=False)
+    previous = None
+    if args.init is not None:
+        load_weights(teacher, args.init, kind="teacher")
+        record_path = args.record or args.out.with_name("var_tiny_record.json")
+        previous = json.loads(record_path.read_text()).get("teacher") if record_path.is_file() else None
+    teacher.train()
     stats = train(teacher, train_ids, train_data.labels[: len(train_ids)], args,
                   loss_fn=lambda model, labels, ids: next_scale_loss(model, vqvae, labels, ids))
     save_state_dict(fp16_state_dict(teacher), args.out)
@@ -133,6 +142,9 @@ def main() -> None:
                          f"test split", "weights": args.out.name, "weights_bytes": args.out.stat().st_size,
               "settings": settings, "encode_seconds": encode_seconds, **stats,
               "final_train": stats["curve"][-1] if stats["curve"] else None, **metrics}
+    if previous is not None:
+        record["continued_from"] = {k: previous.get(k) for k in ("settings", "steps", "train_seconds", "curve",
+                                                                 "test_cross_entropy", "sample_proxy_fid")}
     record_path = update_training_record(args.record or args.out.with_name("var_tiny_record.json"), "teacher", record)
     print(f"steps {stats['steps']} in {stats['train_seconds']} s; test CE {ce:.4f} nats (unconditional "
           f"{ce_uncond:.4f}); sample accuracy {metrics['sample_classifier_accuracy']:.3f}, proxy FID "
