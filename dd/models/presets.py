@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,16 @@ from dd.checkpoint import CONFIG_KEYS, CheckpointError, MissingWeightsError, res
 ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
 BUNDLED_PREFIX = "bundled://"
 RANDOM_PREFIX = "random:"
+
+
+@contextmanager
+def device_scope(device: str | torch.device | None) -> Iterator[None]:
+    """Build modules on a device (``"meta"`` allocates nothing: parameter counts of the big presets)."""
+    if device is None:
+        yield
+    else:
+        with torch.device(device):
+            yield
 
 
 @dataclass(frozen=True)

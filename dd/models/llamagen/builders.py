@@ -11,28 +11,18 @@ Example (notebook)::
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
 from dd.checkpoint import extract_state_dict, load_strict, read_checkpoint
+from dd.models.presets import device_scope as _device_scope
 from dd.models.llamagen.gpt import LlamaGenGPT
 from dd.models.llamagen.student import LlamaGenDDStudent, reset_student_new_parameters
 from dd.models.llamagen.tokenizer import VQTokenizer
 
 _TEACHER_ONLY = ("class_dropout_prob", "token_dropout_p", "resid_dropout_p", "cls_token_num")
-
-
-@contextmanager
-def _device_scope(device: str | torch.device | None) -> Iterator[None]:
-    """Build on a device (``"meta"`` allocates nothing: used for parameter counts of the big presets)."""
-    if device is None:
-        yield
-    else:
-        with torch.device(device):
-            yield
 
 
 def _init_transformer_weights(module: nn.Module, std: float = 0.02) -> None:

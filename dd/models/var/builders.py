@@ -12,13 +12,13 @@ Example (notebook)::
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
 from dd.checkpoint import extract_state_dict, load_strict, read_checkpoint
+from dd.models.presets import device_scope as _device_scope
 from dd.models.var.student import VARDDStudent
 from dd.models.var.transformer import VARTransformer
 from dd.models.var.vqvae import MultiScaleVQVAE
@@ -29,16 +29,6 @@ _CHECKPOINT_KINDS = {"tokenizer": "tokenizer", "teacher": "teacher", "student": 
 #: buffers every VAR transformer derives from its shape; a DD file may omit them (unverified for the releases)
 _DERIVED_BUFFERS = ("lvl_1L", "attn_bias_for_masking")
 _VQ_HIT_BUFFER = "quantize.ema_vocab_hit_SV"
-
-
-@contextmanager
-def _device_scope(device: str | torch.device | None) -> Iterator[None]:
-    """Build on a device (``"meta"`` allocates nothing: parameter counts of the big presets)."""
-    if device is None:
-        yield
-    else:
-        with torch.device(device):
-            yield
 
 
 def build_vqvae(*, device: str | torch.device | None = None, **arch: Any) -> MultiScaleVQVAE:
