@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -252,13 +251,10 @@ def main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode == RunMode.MULTIRUN:
         cfg.output_dir = hydra_cfg.runtime.output_dir  # each sweep job in its own subfolder
-    from dd.checkpoint import CheckpointError
+    from dd.runs import exit_cleanly_on_expected_errors
 
-    try:
+    with exit_cleanly_on_expected_errors("dd.eval"):
         payload = run(OmegaConf.to_container(cfg, resolve=True))
-    except (ConfigError, CheckpointError) as err:
-        log.error("%s", err)
-        sys.exit(f"dd.eval: {err}")
     if payload:
         _log_summary(payload)
         log.info("wrote %s", cfg.output_dir)

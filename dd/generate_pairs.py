@@ -115,7 +115,10 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="generate_pairs")
 def main(cfg: DictConfig) -> None:
-    manifest = run(OmegaConf.to_container(cfg, resolve=True))
+    from dd.runs import exit_cleanly_on_expected_errors
+
+    with exit_cleanly_on_expected_errors("dd.generate_pairs"):
+        manifest = run(OmegaConf.to_container(cfg, resolve=True))
     if is_rank_zero():
         log.info("pairs: %d/%d written, complete=%s", manifest.get("num_written", 0), manifest["num_pairs"],
                  manifest.get("complete"))

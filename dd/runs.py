@@ -5,13 +5,18 @@ No Lightning import here; Hydra/OmegaConf only through plain containers handed i
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from dd.checkpoint import CheckpointError
 from dd.flow import FlowMapConfig
+from dd.pairs.shards import PairFormatError
 from dd.sampling.logits import SamplingConfig
 
 
@@ -59,3 +64,28 @@ def save_resolved_config(directory: Path, cfg: dict[str, Any], name: str = "conf
     path = directory / name
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
     return path
+
+
+#: What a user fixes from the message alone (a setting, a missing, corrupt or mismatched file, weights not available
+#: offline): the entry points print these as one line. Anything else is a bug and keeps its traceback.
+EXPECTED_ERRORS: tuple[type[Exception], ...] = (ConfigError, CheckpointError, PairFormatError, FileNotFoundError)
+
+
+@contextlib.contextmanager
+def exit_cleanly_on_expected_errors(prog: str) -> Iterator[None]:
+    """Run an entry point's body; an :data:`EXPECTED_ERRORS` error ends the process with exit status 1 and the single
+    line ``<prog>: <message>`` on stderr (the run's log files get it too), instead of a traceback."""
+    try:
+        yield
+    except EXPECTED_ERRORS as err:
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        _log_to_files(logging.getLogger(prog), f"{type(err).__name__}: {message}")
+        sys.exit(f"{prog}: {message}")
+
+
+def _log_to_files(logger: logging.Logger, message: str) -> None:
+    """Record an error in the run's log files only: on the console it would repeat the exit line."""
+    record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)

@@ -137,8 +137,11 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def main(cfg: DictConfig) -> None:
+    from dd.runs import exit_cleanly_on_expected_errors
+
     os.environ.setdefault("WANDB_SILENT", "true")
-    summary = run(OmegaConf.to_container(cfg, resolve=True))
+    with exit_cleanly_on_expected_errors("dd.train"):
+        summary = run(OmegaConf.to_container(cfg, resolve=True))
     if is_rank_zero():
         log.info("done: step %s, %s", summary["global_step"], summary["metrics"])
 
