@@ -97,6 +97,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     from dd.distill.ema import export_student
     from dd.pairs import state_dict_sha256
     from dd.tasks.distillation import DistillationTask, OptimConfig
+    from dd.tasks.progress import training_progress_callbacks
 
     spec = instantiate(cfg["model"], _convert_="all")
     _validate(cfg, spec)
@@ -114,8 +115,9 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     ckpt_dir = out / "checkpoints"
     checkpoint = ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, every_n_train_steps=int(cfg["ckpt_every"]),
                                  save_top_k=0)
+    progress = training_progress_callbacks(cfg["trainer"])  # summary lines instead of a bar when not on a terminal
     trainer = L.Trainer(**cfg["trainer"], use_distributed_sampler=False, max_steps=int(cfg["max_steps"]), logger=_logger(cfg, out),
-                        callbacks=[checkpoint], val_check_interval=int(cfg["val_every_steps"]),
+                        callbacks=[checkpoint, *progress], val_check_interval=int(cfg["val_every_steps"]),
                         check_val_every_n_epoch=None,
                         log_every_n_steps=int(cfg["log_every"]), default_root_dir=str(out),
                         gradient_clip_val=float(cfg["grad_clip"]),

@@ -15,11 +15,11 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from dd.evaluation.batches import EvalBatch, sample_eval_batch
 from dd.evaluation.outputs import write_batch
 from dd.evaluation.samplers import EvalModels, EvalSampler
+from dd.progress import Progress, progress_bar
 
 warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
 
@@ -71,11 +71,11 @@ class EvalSampleWriter(BasePredictionWriter):
     def __init__(self, directory: Path, write_pngs: bool, total: int) -> None:
         super().__init__(write_interval="batch")
         self.directory, self.write_pngs, self.total = Path(directory), write_pngs, total
-        self.bar: tqdm | None = None
+        self.bar: Progress | None = None
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
-            self.bar = tqdm(total=self.total, unit="img", desc=f"sampling (rank 0 of {trainer.world_size})")
+            self.bar = progress_bar(self.total, f"sampling (rank 0 of {trainer.world_size})", "img")
 
     def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: EvalBatch,
                            batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:

@@ -15,7 +15,6 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from dd.flow import FlowMapConfig
 from dd.models.protocol import ARFamily
@@ -29,6 +28,7 @@ from dd.pairs.shards import (
     write_manifest,
     write_shard,
 )
+from dd.progress import Progress, progress_bar
 from dd.sampling.logits import SamplingConfig
 from dd.sampling.seeds import sample_seeds
 
@@ -94,12 +94,12 @@ class ShardWriter(BasePredictionWriter):
         self.store_noise = store_noise
         self.shards = list(shards)
         self.finalize = finalize
-        self.bar: tqdm | None = None
+        self.bar: Progress | None = None
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
             rank_zero_pairs = sum(count for _, _, count in self.shards[::trainer.world_size])
-            self.bar = tqdm(total=rank_zero_pairs, unit="pair", desc=f"pairs (rank 0 of {trainer.world_size})")
+            self.bar = progress_bar(rank_zero_pairs, f"pairs (rank 0 of {trainer.world_size})", "pair")
 
     def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any,
                            batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
