@@ -1,4 +1,6 @@
-"""Student training mechanics on the random gpt_test preset: losses, resume exactness, DDP, export round trip."""
+"""Student training mechanics on the random presets of both families (gpt_test; var_test, whose timesteps are
+scales): losses, resume exactness, DDP, export round trip. Tests of Lightning plumbing only (bad settings, wandb,
+bf16, compile) run on gpt_test."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,17 +18,24 @@ import torch
 from dd.checkpoint import read_checkpoint
 from dd.distill.losses import LossConfig, dd_loss, sample_timesteps
 from dd.generate_pairs import run as run_pairs
-from dd.models.llamagen import make_spec
 from dd.runs import ConfigError
 from dd.train import run as run_train
 
-from test_pairs import compose_cfg
+from test_pairs import PRESETS, build_spec, compose_cfg
+
+#: tests about Lightning plumbing only: one family is enough
+GPT_ONLY = pytest.mark.parametrize("preset", ["gpt_test"], indirect=True)
+
+
+@pytest.fixture(scope="module", params=PRESETS)
+def preset(request: pytest.FixtureRequest) -> str:
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def pairs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("pairs")
-    run_pairs(compose_cfg("generate_pairs", ["model=gpt_test", "num_pairs=640", "shard_size=160",
+def pairs_dir(preset: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp(f"pairs_{preset}")
+    run_pairs(compose_cfg("generate_pairs", [f"model={preset}", "num_pairs=640", "shard_size=160",
                                              f"output_dir={out}"]))
     return out / "pairs"
 
@@ -38,30 +48,56 @@ def _train_overrides(pairs: Path, out: Path, **extra: object) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
-def test_loss_masks_given_positions_and_split() -> None:
-    spec = make_spec(**compose_cfg("train", ["model=gpt_test"])["model"])
+#: per preset: (sequence length, last timestep, timesteps of the split case, split_t, leading data tokens of
+#: those timesteps, data tokens before the split). LlamaGen counts tokens; VAR counts scales (1, 2, 3, 4 -> 0, 1, 5,
+#: 14, 30 tokens).
+LOSS_CASES = {"gpt_test": (16, 16, (0, 12), 8, (0, 12), 8), "var_test": (30, 4, (0, 3), 2, (0, 14), 5)}
+
+
+def _ema_and_raw(export: dict[str, Any], preset: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The EMA and raw weights of an exported student, checking its family's official layout: {'ema', 'model'}
+    (LlamaGen-DD, ``eval_fewstep.py --ema``) or {'trainer': {'ema_parameters', 'var_wo_ddp'}} (VAR-DD)."""
+    if preset == "var_test":
+        assert set(export) == {"trainer"} and set(export["trainer"]) == {"ema_parameters", "var_wo_ddp"}
+        return export["trainer"]["ema_parameters"], export["trainer"]["var_wo_ddp"]
+    assert set(export) == {"ema", "model"}
+    return export["ema"], export["model"]
+
+
+def test_loss_masks_given_positions_and_split(preset: str) -> None:
+    length, last, t_split, split_t, given, split_tokens = LOSS_CASES[preset]
+    spec = build_spec(compose_cfg("train", [f"model={preset}"]))
     family = spec.build_family()
     student = spec.build_student(family.codebook(), init="teacher", teacher=family.teacher)
-    ids = torch.randint(0, 64, (2, 16))
-    noise = torch.randn(2, 16, 8)
+    assert family.sequence_length == length and family.num_timesteps == last
+    assert student.num_data_tokens(torch.tensor(t_split)).tolist() == list(given)
+    assert int(student.num_data_tokens(split_t)) == split_tokens
+    ids = torch.randint(0, 64, (2, length))
+    noise = torch.randn(2, length, family.token_dim)
     labels = torch.tensor([0, 1])
     full = dd_loss(student, labels, ids, noise, torch.tensor([0, 0]), student.codebook, LossConfig(split_t=0))
     assert full.ce > 0 and full.mse > 0
     # with every position given there is nothing to predict: ce and mse are exactly zero
-    none = dd_loss(student, labels, ids, noise, torch.tensor([16, 16]), student.codebook, LossConfig(split_t=0))
+    none = dd_loss(student, labels, ids, noise, torch.tensor([last, last]), student.codebook, LossConfig(split_t=0))
     assert none.ce == 0 and none.mse == 0
-    # mse only counts positions >= max(t, split_t)
-    split = dd_loss(student, labels, ids, noise, torch.tensor([0, 12]), student.codebook, LossConfig(split_t=8))
+    # ce counts positions >= n(t); mse only positions >= max(n(t), n(split_t))
+    t = torch.tensor(t_split)
+    split = dd_loss(student, labels, ids, noise, t, student.codebook, LossConfig(split_t=split_t))
     data = student.codebook[ids]
     with torch.no_grad():
-        tokens, _ = student(student.perturb(data, torch.tensor([0, 12]), noise), labels, torch.tensor([0, 12]))
+        tokens, logits = student(student.perturb(data, t, noise), labels, t)
     err = (tokens - data).pow(2).mean(-1)
-    expected = (err[0, 8:].sum() + err[1, 12:].sum()) / (8 + 4)
+    first = [max(n, split_tokens) for n in given]
+    expected = (err[0, first[0]:].sum() + err[1, first[1]:].sum()) / (2 * length - sum(first))
     torch.testing.assert_close(split.mse, expected)
-    counts = torch.bincount(sample_timesteps([0, 8], 4000, torch.Generator().manual_seed(0)))
-    assert abs(counts[0].item() - 2000) < 150 and abs(counts[8].item() - 2000) < 150
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids, reduction="none")
+    torch.testing.assert_close(split.ce, (ce[0, given[0]:].sum() + ce[1, given[1]:].sum()) / (2 * length - sum(given)))
+    t_list = list(spec.default_t_list)
+    counts = torch.bincount(sample_timesteps(t_list, 4000, torch.Generator().manual_seed(0)))
+    assert abs(counts[t_list[0]].item() - 2000) < 150 and abs(counts[t_list[1]].item() - 2000) < 150
 
 
+@GPT_ONLY
 def test_bad_train_settings_fail_early(pairs_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="strictly increasing"):
         run_train(compose_cfg("train", _train_overrides(pairs_dir, tmp_path, **{"schedule.t_list": "[0,8,4]"})))
@@ -71,8 +107,8 @@ def test_bad_train_settings_fail_early(pairs_dir: Path, tmp_path: Path) -> None:
         run_train(compose_cfg("train", _train_overrides(tmp_path / "nothing", tmp_path)))
 
 
-def test_short_training_lowers_loss_and_exports_official_layout(pairs_dir: Path, tmp_path: Path) -> None:
-    summary = run_train(compose_cfg("train", _train_overrides(pairs_dir, tmp_path)))
+def test_short_training_lowers_loss_and_exports_official_layout(preset: str, pairs_dir: Path, tmp_path: Path) -> None:
+    summary = run_train(compose_cfg("train", _train_overrides(pairs_dir, tmp_path, model=preset)))
     assert summary["global_step"] == 24
     metrics = (tmp_path / "logs" / "metrics.csv").read_text().splitlines()
     header = metrics[0].split(",")
@@ -80,54 +116,82 @@ def test_short_training_lowers_loss_and_exports_official_layout(pairs_dir: Path,
     losses = [float(row.split(",")[loss_col]) for row in metrics[1:] if row.split(",")[loss_col]]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, "training did not lower the loss"
     assert any("val/token_acc_t0" in h for h in header) and any("val/sample_token_acc_2step" in h for h in header)
-    export = read_checkpoint(summary["export"])
-    assert set(export) == {"ema", "model"}
-    spec = make_spec(**compose_cfg("train", ["model=gpt_test"])["model"])
+    ema, raw = _ema_and_raw(read_checkpoint(summary["export"]), preset)
+    spec = build_spec(compose_cfg("train", [f"model={preset}"]))
     family = spec.build_family()
     student = spec.build_student(family.codebook(), init="checkpoint", checkpoint=summary["export"])
-    assert torch.equal(student.n_d_embed.weight, export["ema"]["n_d_embed.weight"])
-    assert not torch.equal(export["ema"]["n_d_embed.weight"], export["model"]["n_d_embed.weight"])
+    assert torch.equal(student.n_d_embed.weight, ema["n_d_embed.weight"])
+    assert set(student.state_dict()) == set(ema) == set(raw)
+    assert all(torch.equal(v, ema[k]) for k, v in student.state_dict().items())
+    assert not torch.equal(ema["n_d_embed.weight"], raw["n_d_embed.weight"])
     assert (Path(summary["export"] + ".json")).is_file()
 
 
-def _cli(pairs: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "dd.train", *_train_overrides(pairs, out), "logger=none", *extra]
+def _cli(pairs: Path, out: Path, preset: str, *extra: str, **settings: object) -> list[str]:
+    return [sys.executable, "-m", "dd.train", *_train_overrides(pairs, out, model=preset, **settings), "logger=none",
+            *extra]
 
 
-def test_resume_after_kill_continues_exactly(pairs_dir: Path, tmp_path: Path) -> None:
+def _kill_after_a_checkpoint(command: list[str], out: Path, env: dict[str, str]) -> int | None:
+    """Start a training run, SIGKILL it once it has written a checkpoint (plus 0.3 s, so the kill may land between
+    checkpoints); the step of its last checkpoint, or None when the run exited before the kill landed."""
+    log = out.parent / f"{out.name}.log"
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(command, cwd=out.parent, env=env, stdout=subprocess.DEVNULL, stderr=stderr,
+                                start_new_session=True)
+        last = out / "checkpoints" / "last.ckpt"
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not last.is_file() and proc.poll() is None:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # already exited and reaped
+            pass
+        returncode = proc.wait()
+    if returncode == 0:
+        return None
+    assert last.is_file(), f"no checkpoint before the kill (exit {returncode}): {log.read_text()[-3000:]}"
+    return torch.load(last, weights_only=True)["global_step"]
+
+
+def test_resume_after_kill_continues_exactly(preset: str, pairs_dir: Path, tmp_path: Path) -> None:
+    """A run killed after a checkpoint and resumed (resume=auto) exports exactly what an uninterrupted run exports.
+    The tiny models train at ~10 ms a step, so a run may reach its last step (or exit) within the 0.3 s before the
+    kill lands: then it is repeated 4x longer."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    subprocess.run(_cli(pairs_dir, straight), cwd=tmp_path, env=env, check=True, capture_output=True)
-    proc = subprocess.Popen(_cli(pairs_dir, killed), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    last = killed / "checkpoints" / "last.ckpt"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and not last.is_file():
-        time.sleep(0.05)
-    time.sleep(0.3)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    step = torch.load(last, weights_only=True)["global_step"]
-    assert 6 <= step < 24, f"kill landed at step {step}"
+    for max_steps in (24, 96):
+        killed = tmp_path / f"killed{max_steps}"
+        step = _kill_after_a_checkpoint(_cli(pairs_dir, killed, preset, max_steps=max_steps), killed, env)
+        if step is not None and step < max_steps:
+            break
+    else:
+        pytest.fail(f"every run reached its last step before the kill landed (last: step {step})")
+    assert 6 <= step < max_steps, f"kill landed at step {step} of {max_steps}"
     assert not (killed / "export").exists()
-    subprocess.run(_cli(pairs_dir, killed, "resume=auto"), cwd=tmp_path, env=env, check=True, capture_output=True)
-    a = read_checkpoint(straight / "export" / "student_ema.pt")
-    b = read_checkpoint(killed / "export" / "student_ema.pt")
-    for key in ("ema", "model"):
-        for name in a[key]:
-            torch.testing.assert_close(b[key][name], a[key][name], atol=1e-6, rtol=1e-6, msg=name)
+    subprocess.run(_cli(pairs_dir, killed, preset, "resume=auto", max_steps=max_steps), cwd=tmp_path, env=env,
+                   check=True, capture_output=True)
+    straight = tmp_path / f"straight{max_steps}"
+    subprocess.run(_cli(pairs_dir, straight, preset, max_steps=max_steps), cwd=tmp_path, env=env, check=True,
+                   capture_output=True)
+    a = _ema_and_raw(read_checkpoint(straight / "export" / "student_ema.pt"), preset)
+    b = _ema_and_raw(read_checkpoint(killed / "export" / "student_ema.pt"), preset)
+    for state_a, state_b in zip(a, b):
+        assert set(state_a) == set(state_b)
+        for name in state_a:
+            torch.testing.assert_close(state_b[name], state_a[name], atol=1e-6, rtol=1e-6, msg=name)
 
 
-def test_ddp_two_cpu_ranks_trains(pairs_dir: Path, tmp_path: Path) -> None:
+def test_ddp_two_cpu_ranks_trains(preset: str, pairs_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
-    result = subprocess.run(_cli(pairs_dir, out, "trainer.devices=2", "max_steps=6", "val_every_steps=6"),
+    result = subprocess.run(_cli(pairs_dir, out, preset, "trainer.devices=2", max_steps=6, val_every_steps=6),
                             cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    export = read_checkpoint(out / "export" / "student_ema.pt")
-    assert set(export) == {"ema", "model"}
+    _ema_and_raw(read_checkpoint(out / "export" / "student_ema.pt"), preset)
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
 
 
+@GPT_ONLY
 def test_wandb_offline_logger_and_bf16_mixed_on_cpu(pairs_dir: Path, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """logger=wandb works with no network in offline mode (a local run folder, no connection), and bf16-mixed runs."""
@@ -143,6 +207,7 @@ def test_wandb_offline_logger_and_bf16_mixed_on_cpu(pairs_dir: Path, tmp_path: P
 
 
 @pytest.mark.slow
+@GPT_ONLY
 def test_compiled_student_trains(pairs_dir: Path, tmp_path: Path) -> None:
     """compile=true routes the loss through torch.compile (first compile costs ~30-60 s on CPU, hence slow)."""
     summary = run_train(compose_cfg("train", _train_overrides(pairs_dir, tmp_path, max_steps=3, val_every_steps=3,
