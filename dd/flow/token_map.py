@@ -46,10 +46,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
+
+from dd.acceleration import FAST_PATHS, CompileOptions, CudaGraphCallable, compile_callable, full_precision
+from dd.acceleration import require_cuda_graphs
 
 __all__ = [
     "SOLVERS",
@@ -90,7 +93,15 @@ class FlowMapConfig:
         vocab_chunk_size: if set (and < V), the softmax over the codebook is computed in column blocks
             of this size with an online (streaming) softmax, so huge ``V`` fits in memory.
         compute_dtype: ``"float32"`` (default) or ``"float64"``; inputs of any floating dtype
-            (incl. float16/bfloat16) are upcast to it.
+            (incl. float16/bfloat16) are upcast to it. The solve runs with autocast switched off, so a caller's
+            bf16 autocast (Lightning ``bf16-mixed``, ``teacher_dtype``) never lowers it.
+        fast_path: how the ODE solve of one row chunk (a position of every sample, or a whole VAR scale) runs:
+            ``"eager"`` (default), ``"compile"`` (the whole unrolled solver loop as one ``torch.compile``
+            program; the first compile of the 100-step loop takes minutes on a small CPU, one more when the
+            row count changes) or ``"cuda_graph"`` (the eager loop captured once per row count and replayed:
+            a position costs one graph launch instead of ~4 kernels x steps; CUDA only). An execution setting:
+            pairs are the same indices as eager (endpoints equal within float rounding; see
+            ``tests/test_fast_paths.py``), so it is not part of a pair directory's identity.
 
     The defaults (DPM-Solver++(2M), 100 steps, uniform grid) were chosen with ``scripts/flow_map_study.py``
     (see ``docs/flow_map_study.md``): the cheapest setting with token frequencies within sampling noise of ``p``
@@ -104,6 +115,7 @@ class FlowMapConfig:
     chunk_size: int = 4096
     vocab_chunk_size: Optional[int] = None
     compute_dtype: str = "float32"
+    fast_path: str = "eager"
 
     def __post_init__(self) -> None:
         if self.solver not in SOLVERS:
@@ -128,6 +140,10 @@ class FlowMapConfig:
             raise ValueError(
                 f"FlowMapConfig.compute_dtype must be one of {tuple(_COMPUTE_DTYPES)}, got {self.compute_dtype!r}"
             )
+        if self.fast_path not in FAST_PATHS:
+            raise ValueError(f"FlowMapConfig.fast_path must be one of {FAST_PATHS}, got {self.fast_path!r}")
+        if self.fast_path == "cuda_graph":
+            require_cuda_graphs("FlowMapConfig.fast_path='cuda_graph'")
 
     @property
     def num_evaluations(self) -> int:
@@ -218,14 +234,21 @@ def _check_inputs(x: Tensor, log_probs: Tensor, codebook: Tensor) -> None:
             raise TypeError(f"{name} must be a floating tensor, got {tensor.dtype}")
 
 
-class _Codebook:
-    """Codebook prepared once per call: ``C`` (V, d), ``C^T`` (d, V) and ``||c_k||^2`` (V,)."""
+class _Codebook(NamedTuple):
+    """Codebook prepared once per call: ``C`` (V, d), ``C^T`` (d, V), ``||c_k||^2`` (V,) and ``[C^T; ||c||^2]``
+    (d + 1, V). A named tuple, so compiled code can rebuild it from its tensors."""
 
-    def __init__(self, codebook: Tensor, dtype: torch.dtype, device: torch.device) -> None:
-        self.c = codebook.to(device=device, dtype=dtype).contiguous()
-        self.ct = self.c.t().contiguous()
-        self.sq = (self.c * self.c).sum(dim=1)
-        self.ct_aug = torch.cat([self.ct, self.sq[None, :]], dim=0).contiguous()  # (d + 1, V)
+    c: Tensor
+    ct: Tensor
+    sq: Tensor
+    ct_aug: Tensor
+
+    @classmethod
+    def prepare(cls, codebook: Tensor, dtype: torch.dtype, device: torch.device) -> "_Codebook":
+        c = codebook.to(device=device, dtype=dtype).contiguous()
+        ct = c.t().contiguous()
+        sq = (c * c).sum(dim=1)
+        return cls(c, ct, sq, torch.cat([ct, sq[None, :]], dim=0).contiguous())
 
 
 def _posterior_mean_rows(
@@ -305,12 +328,13 @@ def posterior_mean(
         raise ValueError("chunk_size and vocab_chunk_size must be >= 1")
     dtype = _COMPUTE_DTYPES[compute_dtype]
     device = x.device
-    cb = _Codebook(codebook, dtype, device)
-    out = torch.empty((x.shape[0], x.shape[1]), dtype=dtype, device=device)
-    for i in range(0, x.shape[0], chunk_size):
-        xs = x[i : i + chunk_size].to(dtype)
-        lp = log_probs[i : i + chunk_size].to(device=device, dtype=dtype)
-        out[i : i + chunk_size] = _posterior_mean_rows(xs, t, lp, cb, vocab_chunk_size)
+    with full_precision(device.type):
+        cb = _Codebook.prepare(codebook, dtype, device)
+        out = torch.empty((x.shape[0], x.shape[1]), dtype=dtype, device=device)
+        for i in range(0, x.shape[0], chunk_size):
+            xs = x[i : i + chunk_size].to(dtype)
+            lp = log_probs[i : i + chunk_size].to(device=device, dtype=dtype)
+            out[i : i + chunk_size] = _posterior_mean_rows(xs, t, lp, cb, vocab_chunk_size)
     return out
 
 
@@ -328,15 +352,16 @@ def _lambda(t: float) -> float:
     return math.log1p(-t) - math.log(t)
 
 
-def _integrate_rows(x: Tensor, log_probs: Tensor, cb: _Codebook, config: FlowMapConfig, ts: list[float]) -> Tensor:
+def _integrate_rows(x: Tensor, log_probs: Tensor, cb: _Codebook, solver: str, vocab_chunk_size: Optional[int],
+                    ts: list[float]) -> Tensor:
     """Run the solver for one row chunk (x: (n, d) noise at t = 1, already in the compute dtype)."""
     n_steps = len(ts) - 1
-    vc = config.vocab_chunk_size
+    vc = vocab_chunk_size
 
     def D(xx: Tensor, tt: float) -> Tensor:
         return _posterior_mean_rows(xx, tt, log_probs, cb, vc)
 
-    if config.solver == "euler":
+    if solver == "euler":
         for i in range(n_steps):
             t, s = ts[i], ts[i + 1]
             d0 = D(x, t)
@@ -344,7 +369,7 @@ def _integrate_rows(x: Tensor, log_probs: Tensor, cb: _Codebook, config: FlowMap
             x = torch.lerp(d0, x, ratio) if s > 0 else d0  # (s/t) x + (1 - s/t) d0
         return x
 
-    if config.solver == "dpmpp_2m":
+    if solver == "dpmpp_2m":
         d_prev: Optional[Tensor] = None
         h_prev = math.nan
         for i in range(n_steps):
@@ -363,7 +388,7 @@ def _integrate_rows(x: Tensor, log_probs: Tensor, cb: _Codebook, config: FlowMap
             d_prev, h_prev = d0, h
         return x
 
-    if config.solver == "heun":
+    if solver == "heun":
         for i in range(n_steps):
             t, s = ts[i], ts[i + 1]
             d0 = D(x, t)
@@ -377,16 +402,51 @@ def _integrate_rows(x: Tensor, log_probs: Tensor, cb: _Codebook, config: FlowMap
             x = x + (0.5 * (s - t)) * (v0 + v1)
         return x
 
-    raise ValueError(f"unknown solver {config.solver!r}")  # unreachable (config validated)
+    raise ValueError(f"unknown solver {solver!r}")  # unreachable (config validated)
 
 
 def _validate_log_probs(log_probs: Tensor) -> None:
-    if bool(torch.isnan(log_probs).any()):
+    if log_probs.numel() == 0:
+        return
+    # one host synchronisation for all three checks (this runs once per AR step of pair generation)
+    has_nan, has_pos_inf, row_without_finite = torch.stack([
+        torch.isnan(log_probs).any(), (log_probs == math.inf).any(),
+        ~torch.isfinite(log_probs).any(dim=-1).all()]).tolist()
+    if has_nan:
         raise ValueError("log_probs contains NaN")
-    if bool((log_probs == math.inf).any()):
+    if has_pos_inf:
         raise ValueError("log_probs contains +inf")
-    if log_probs.numel() > 0 and not bool(torch.isfinite(log_probs).any(dim=-1).all()):
+    if row_without_finite:
         raise ValueError("every row of log_probs needs at least one finite entry (all tokens filtered?)")
+
+
+def _solve_rows(x: Tensor, log_probs: Tensor, c: Tensor, ct: Tensor, sq: Tensor, ct_aug: Tensor, solver: str,
+                ts: tuple[float, ...], vocab_chunk_size: Optional[int]) -> Tensor:
+    """:func:`_integrate_rows` on plain tensors: the capture-safe unit that the compiled and CUDA-graph fast paths
+    run (no host synchronisation; the time grid and solver are constants of the program)."""
+    return _integrate_rows(x, log_probs, _Codebook(c, ct, sq, ct_aug), solver, vocab_chunk_size, list(ts))
+
+
+_FAST_SOLVES: dict[tuple[str, str], Callable[..., Tensor]] = {}
+
+
+def _fast_solve(fast_path: str, device_type: str) -> Callable[..., Tensor]:
+    """The compiled / graphed :func:`_solve_rows`, one per (fast path, device type) per process: compiled programs
+    and captured graphs are reused by every later call with the same shapes and settings."""
+    key = (fast_path, device_type)
+    if key not in _FAST_SOLVES:
+        if fast_path == "cuda_graph":
+            _FAST_SOLVES[key] = CudaGraphCallable(_solve_rows, clone_outputs=True, warmup=1)
+        else:  # the row count varies (VAR scales, last chunk): let torch make it dynamic after one recompile
+            _FAST_SOLVES[key] = compile_callable(_solve_rows, device_type, CompileOptions(dynamic=None))
+    return _FAST_SOLVES[key]
+
+
+def _solve_chunk(x: Tensor, log_probs: Tensor, cb: _Codebook, config: FlowMapConfig, ts: list[float]) -> Tensor:
+    if config.fast_path == "eager":
+        return _integrate_rows(x, log_probs, cb, config.solver, config.vocab_chunk_size, ts)
+    solve = _fast_solve(config.fast_path, x.device.type)
+    return solve(x, log_probs, cb.c, cb.ct, cb.sq, cb.ct_aug, config.solver, tuple(ts), config.vocab_chunk_size)
 
 
 def integrate_flow(
@@ -400,6 +460,11 @@ def integrate_flow(
     config = _validate_config(config)
     _check_inputs(noise, log_probs, codebook)
     _validate_log_probs(log_probs)
+    with full_precision(noise.device.type):
+        return _integrate_all(noise, log_probs, codebook, config)
+
+
+def _integrate_all(noise: Tensor, log_probs: Tensor, codebook: Tensor, config: FlowMapConfig) -> Tensor:
     lead = noise.shape[:-1]
     d = noise.shape[-1]
     V = codebook.shape[0]
@@ -407,14 +472,14 @@ def integrate_flow(
     device = noise.device
     x_all = noise.reshape(-1, d)
     lp_all = log_probs.reshape(-1, V)
-    cb = _Codebook(codebook, dtype, device)
+    cb = _Codebook.prepare(codebook, dtype, device)
     ts = make_time_grid(config.num_steps, config.time_grid, config.grid_power)
     out = torch.empty((x_all.shape[0], d), dtype=dtype, device=device)
     cs = config.chunk_size
     for i in range(0, x_all.shape[0], cs):
         x = x_all[i : i + cs].to(dtype=dtype, copy=True)
         lp = lp_all[i : i + cs].to(device=device, dtype=dtype)
-        out[i : i + cs] = _integrate_rows(x, lp, cb, config, ts)
+        out[i : i + cs] = _solve_chunk(x, lp, cb, config, ts)
     return out.reshape(*lead, d)
 
 
@@ -427,6 +492,11 @@ def snap_to_codebook(x: Tensor, codebook: Tensor, *, chunk_size: int = 4096) -> 
     """
     if codebook.dim() != 2 or x.shape[-1] != codebook.shape[1]:
         raise ValueError(f"x (..., d) and codebook (V, d) mismatch: {tuple(x.shape)} vs {tuple(codebook.shape)}")
+    with full_precision(x.device.type):
+        return _snap(x, codebook, chunk_size)
+
+
+def _snap(x: Tensor, codebook: Tensor, chunk_size: int) -> tuple[Tensor, Tensor]:
     lead = x.shape[:-1]
     d = x.shape[-1]
     out_dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32

@@ -36,6 +36,11 @@ class DDStudent(Protocol):
 
     def final_sequence(self, tokens: torch.Tensor, logits: torch.Tensor, split: int) -> torch.Tensor: ...
 
+    def set_fast_path(self, fast_path: str, dtype: str | torch.dtype | None = None) -> None:
+        """Inference only: run the trunk of ``final_predict`` eager, compiled or as a CUDA graph
+        (:data:`dd.acceleration.FAST_PATHS`), optionally under an autocast dtype; same tokens as eager."""
+        ...
+
 
 @runtime_checkable
 class ARFamily(Protocol):
@@ -66,4 +71,9 @@ class ARFamily(Protocol):
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """Continuous token sequence (B, L, d) -> images (B, 3, H, W) in about [-1, 1]; differentiable."""
+        ...
+
+    def set_fast_path(self, fast_path: str) -> None:
+        """How teacher generation runs its steps from now on (:data:`dd.acceleration.FAST_PATHS`); the tokens are
+        the eager path's. A family may run some of its loop eager whatever the setting (it says so)."""
         ...

@@ -51,6 +51,7 @@ class LlamaGenGPT(nn.Module):
         self.output = nn.Linear(dim, vocab_size, bias=False)
         self.register_buffer("rope", rope_table_2d(grid, dim // n_head, rope_base, cls_token_num), persistent=False)
         self._cache_len = 0
+        self.register_buffer("cache_positions", None, persistent=False)  # (max_seq,) slot indices, with the caches
 
     @property
     def null_class(self) -> int:
@@ -65,11 +66,12 @@ class LlamaGenGPT(nn.Module):
             labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
         return self.cls_embedding(labels)[:, None, :]
 
-    def _run(self, h: torch.Tensor, input_pos: torch.Tensor, kv_len: int | None) -> torch.Tensor:
+    def _run(self, h: torch.Tensor, input_pos: torch.Tensor, kv_len: int | None,
+             cache_mask: torch.Tensor | None = None) -> torch.Tensor:
         h = self.tok_dropout(h)
         rope = self.rope[input_pos]
         for layer in self.layers:
-            h = layer(h, rope, input_pos, kv_len)
+            h = layer(h, rope, input_pos, kv_len, cache_mask)
         return self.output(self.norm(h)).float()
 
     # -- full-sequence (teacher-forcing) path ---------------------------------------------------------------------
@@ -94,21 +96,45 @@ class LlamaGenGPT(nn.Module):
                 layer.attention.kv_cache = cache
 
     # -- cached decoding path ------------------------------------------------------------------------------------
-    def setup_caches(self, batch: int, max_seq: int, dtype: torch.dtype | None = None) -> None:
-        """Allocate static KV caches for ``batch`` rows and ``max_seq`` positions (rounded up to a multiple of 8)."""
+    def setup_caches(self, batch: int, max_seq: int, dtype: torch.dtype | None = None, reuse: bool = False) -> None:
+        """Allocate static KV caches for ``batch`` rows and ``max_seq`` positions (rounded up to a multiple of 8).
+
+        ``reuse=True`` keeps caches of the same batch, length, dtype and device instead of allocating new ones:
+        compiled and CUDA-graph decoding captured them by address (stale entries are masked, never read)."""
         max_seq = ((max_seq + 7) // 8) * 8
         dtype = dtype or self.output.weight.dtype
         device = self.output.weight.device
+        if reuse and self._caches_match(batch, max_seq, dtype, device):
+            return
         for layer in self.layers:
             attn = layer.attention
             attn.kv_cache = KVCache(batch, attn.n_kv_head, max_seq, attn.head_dim, dtype, device)
+        self.register_buffer("cache_positions", torch.arange(max_seq, device=device), persistent=False)
         self._cache_len = max_seq
+
+    def cache_state(self) -> tuple[tuple[KVCache | None, ...], torch.Tensor | None, int]:
+        """The current caches (per-layer modules, slot indices, length): kept by a decoder to reinstall them."""
+        return tuple(layer.attention.kv_cache for layer in self.layers), self.cache_positions, self._cache_len
+
+    def install_cache_state(self, state: tuple[tuple[KVCache | None, ...], torch.Tensor | None, int]) -> None:
+        """Reinstall caches returned by :meth:`cache_state` (the same tensors, so captured graphs stay valid)."""
+        caches, positions, length = state
+        for layer, cache in zip(self.layers, caches):
+            layer.attention.kv_cache = cache
+        self.cache_positions = positions
+        self._cache_len = length
+
+    def _caches_match(self, batch: int, max_seq: int, dtype: torch.dtype, device: torch.device) -> bool:
+        cache = self.layers[0].attention.kv_cache
+        return cache is not None and cache.k_cache.shape[0] == batch and cache.k_cache.shape[2] == max_seq \
+            and cache.k_cache.dtype == dtype and cache.k_cache.device == device
 
     def clear_caches(self) -> None:
         """Drop the KV caches (generation leaves none behind; this frees them explicitly)."""
         for layer in self.layers:
             layer.attention.kv_cache = None
         self._cache_len = 0
+        self.cache_positions = None
 
     def prefill(self, labels: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
         """Causal pass over [class, prefix tokens] that fills the caches; returns the last slot's logits (B, V)."""
@@ -128,3 +154,17 @@ class LlamaGenGPT(nn.Module):
         input_pos = torch.tensor([position], device=tokens.device)
         h = self.tok_embeddings(tokens[:, None])
         return self._run(h, input_pos, position + 1)[:, -1]
+
+    def decode_step_static(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """The capture-safe decode step: tokens (B,) at slot ``input_pos`` ((1,) int64 on the model's device) ->
+        logits (B, V) float32.
+
+        Attends over the whole static cache under the mask ``slot <= input_pos`` (the official full-cache
+        attention), so every step has the same shapes and reads nothing on the host: the step that
+        ``torch.compile`` and CUDA graphs capture (``dd.models.llamagen.fast``). Same logits as
+        :meth:`decode_step` up to float rounding; needs ``setup_caches`` and ``prefill`` first (not checked here:
+        a check would read the host).
+        """
+        h = self.tok_embeddings(tokens[:, None])
+        cache_mask = (self.cache_positions <= input_pos)[None, None, None, :]
+        return self._run(h, input_pos, None, cache_mask)[:, -1]

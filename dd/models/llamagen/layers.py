@@ -105,13 +105,16 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, input_pos: torch.Tensor | None = None,
-                kv_len: int | None = None) -> torch.Tensor:
+                kv_len: int | None = None, cache_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, T, dim); rope (T, head_dim/2, 2) rows for these positions.
 
         Without ``kv_len`` attention is causal over the T given slots, which start at position 0 (full sequence or
         cache prefill; the cache, if any, is written at ``input_pos``). With ``kv_len`` (cached decoding of one
         token) the query attends to the first ``kv_len`` cached keys, i.e. every position up to its own: the same
         result as the official full-cache boolean mask without scanning the empty rest of the cache.
+        With ``cache_mask`` (bool, broadcastable to (B, H, T, max_seq), True = attend) the queries attend over the
+        whole static cache under that mask, the official formulation: shapes never change between decode steps
+        and nothing is read on the host, which is what compiled and CUDA-graph decoding need.
         """
         b, t, _ = x.shape
         q_size = self.n_head * self.head_dim
@@ -122,14 +125,17 @@ class Attention(nn.Module):
         v = v.view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)
         if self.kv_cache is not None and input_pos is not None:
             k_all, v_all = self.kv_cache.update(input_pos, k, v)
-            if kv_len is not None:
+            if cache_mask is not None:
+                k, v = k_all, v_all
+            elif kv_len is not None:
                 if t != 1:
                     raise ValueError("cached decoding takes one token per step")
                 k, v = k_all[:, :, :kv_len], v_all[:, :, :kv_len]
         if self.n_kv_head != self.n_head:
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), is_causal=kv_len is None)
+        causal = kv_len is None and cache_mask is None
+        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=cache_mask, is_causal=causal)
         out = out.transpose(1, 2).reshape(b, t, q_size)
         return self.resid_dropout(self.wo(out))
 
@@ -146,8 +152,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(dim, norm_eps)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, input_pos: torch.Tensor | None = None,
-                kv_len: int | None = None) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope, input_pos, kv_len)
+                kv_len: int | None = None, cache_mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, input_pos, kv_len, cache_mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 

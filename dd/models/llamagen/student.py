@@ -13,17 +13,20 @@ import math
 import torch
 from torch import nn
 
+from dd.acceleration import FastForward
 from dd.models.codebook import nearest_code_indices
 from dd.models.continuous_head import ContinuousHead
 from dd.models.llamagen.gpt import LlamaGenGPT
 from dd.models.llamagen.layers import LabelEmbedder, RMSNorm, TransformerBlock, rope_table_2d, swiglu_hidden_dim
 
 
-class LlamaGenDDStudent(nn.Module):
+class LlamaGenDDStudent(FastForward, nn.Module):
     """DD student: teacher trunk + continuous input projection + noise/data embedding + two heads.
 
     ``codebook`` (V, d) is the tokenizer's l2-normalised codebook; it is a non-persistent buffer (not in the
     official state dict) used to snap logits-head predictions and given inputs to codebook rows.
+    ``set_fast_path`` (:class:`~dd.acceleration.FastForward`) compiles or CUDA-graphs the forward that
+    :meth:`final_predict` runs (the samplers' only call), optionally under an autocast dtype.
     """
 
     def __init__(self, *, dim: int, n_layer: int, n_head: int, vocab_size: int, num_classes: int, block_size: int,
@@ -92,6 +95,10 @@ class LlamaGenDDStudent(nn.Module):
         tokens = self.final_layer_conti(h, class_emb)[:, 1:]
         return tokens, logits
 
+    def _fast_target(self, x: torch.Tensor, labels: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The capture-safe trunk of the fast paths: :meth:`forward` itself (t a device tensor: no host reads)."""
+        return self(x, labels, t)
+
     # -- official inference helpers ----------------------------------------------------------------------------
     def nearest_indices(self, x: torch.Tensor) -> torch.Tensor:
         """(B, L, d) -> (B, L) nearest (squared L2) codebook row of every token."""
@@ -108,7 +115,7 @@ class LlamaGenDDStudent(nn.Module):
         """Forward, then keep the given positions: tokens = input, logits = one-hot log-distribution at the given
         position's codebook index (``given_idx``, default: nearest row of the input). Shapes as ``forward``."""
         t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(x_t.shape[0])
-        tokens, logits = self(x_t, labels, t)
+        tokens, logits = self.fast_call(x_t, labels, t)
         if given_idx is None:
             given_idx = self.nearest_indices(x_t)
         given = self.data_mask(t, x_t.shape[1])

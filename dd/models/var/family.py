@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from dd.acceleration import CompileOptions, check_fast_path
 from dd.models.codebook import nearest_code_indices
 from dd.models.var.generation import PREFIX_ATTENTION, var_generate
 from dd.models.var.transformer import VARTransformer
@@ -22,10 +23,14 @@ class VARFamily:
     ``teacher_dtype`` runs teacher generation under autocast (None keeps the weights' dtype). ``prefix_attention``
     chooses how a given prefix of scales is read when the teacher continues it (teacher-involved sampling):
     ``"bidirectional"`` as the official ``intermediate_sample`` (no mask over the prefix), or ``"block_causal"``.
+    ``fast_path`` is accepted for the protocol's sake and recorded, but the VAR teacher always runs eager: it makes
+    only 10 forwards per image (one per scale, each of a different length over a growing KV cache), so launch
+    overhead matters far less than for LlamaGen's 256 steps; the VAR student has its own fast path.
     """
 
     def __init__(self, tokenizer: MultiScaleVQVAE, teacher: VARTransformer, name: str = "var",
-                 teacher_dtype: torch.dtype | None = None, prefix_attention: str = "bidirectional") -> None:
+                 teacher_dtype: torch.dtype | None = None, prefix_attention: str = "bidirectional",
+                 fast_path: str = "eager") -> None:
         if tokenizer.vocab_size != teacher.vocab_size or tokenizer.z_channels != teacher.z_channels:
             raise ValueError(f"VQVAE (V={tokenizer.vocab_size}, Cvae={tokenizer.z_channels}) does not match the "
                              f"teacher (V={teacher.vocab_size}, Cvae={teacher.z_channels})")
@@ -43,6 +48,11 @@ class VARFamily:
         self.num_timesteps = teacher.num_scales
         self.num_classes = teacher.num_classes
         self._data_lengths = [0] + [stop for _, stop in teacher.scale_slices]
+        self.set_fast_path(fast_path)
+
+    def set_fast_path(self, fast_path: str, compile_options: CompileOptions | None = None) -> None:
+        """Recorded only: the VAR teacher's 10 scale forwards run eager whatever the setting (see the class)."""
+        self.fast_path = check_fast_path(fast_path)
 
     def data_length(self, t: int) -> int:
         if not 0 <= t <= self.num_timesteps:

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from dd.acceleration import FastForward
 from dd.models.codebook import nearest_code_indices
 from dd.models.continuous_head import ContinuousHead
 from dd.models.var.layers import scale_levels
@@ -29,10 +30,12 @@ def dd_attention_bias(levels: torch.Tensor) -> torch.Tensor:
     return torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))[None, None]
 
 
-class VARDDStudent(VARTransformer):
+class VARDDStudent(FastForward, VARTransformer):
     """The VAR DD student. ``patch_nums`` is the teacher's (base) list; the student prepends the sos scale itself.
 
     ``codebook`` (V, Cvae) is the VQVAE's Euclidean codebook, a non-persistent buffer used to snap predictions.
+    ``set_fast_path`` (:class:`~dd.acceleration.FastForward`) compiles or CUDA-graphs :meth:`forward_given`, the
+    trunk that :meth:`final_predict` runs, optionally under an autocast dtype.
     """
 
     def __init__(self, *, patch_nums: Sequence[int], codebook: torch.Tensor | None = None, **arch: object) -> None:
@@ -94,11 +97,16 @@ class VARDDStudent(VARTransformer):
         """x (B, L, Cvae), labels (B,), t (B,) scales -> (tokens (B, L, Cvae), logits (B, L, V) float32).
 
         No label dropout (as the official DD forward)."""
+        return self.forward_given(x, labels, self._given(t, x.shape[0], x.device))
+
+    def forward_given(self, x: torch.Tensor, labels: torch.Tensor, given: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` with the data positions given as a (B, L) bool mask instead of timesteps: capture-safe
+        (the timesteps are checked on the host in :meth:`_given`), the trunk of the fast paths."""
         batch = x.shape[0]
         cond = self.class_emb(labels)
         h = torch.cat([self.sos(cond), self.word_embed(x)], dim=1) + self.level_position(0, self.slots)
-        data_slots = torch.cat([torch.ones(batch, 1, dtype=torch.bool, device=x.device),
-                                self._given(t, batch, x.device)], dim=1)
+        data_slots = torch.cat([torch.ones(batch, 1, dtype=torch.bool, device=x.device), given], dim=1)
         n = self.n_d_embed(data_slots.long())
         h = h + n
         for block, between in zip(self.blocks, self.layerwise_n_d_embed):
@@ -107,6 +115,10 @@ class VARDDStudent(VARTransformer):
         logits = self.logits(h, cond)[:, 1:]
         tokens = self.final_layer_conti(h, cond)[:, 1:]
         return tokens, logits
+
+    def _fast_target(self, x: torch.Tensor, labels: torch.Tensor, given: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.forward_given(x, labels, given)
 
     # -- official inference helpers (behind the DDStudent protocol) ------------------------------------------------
     def nearest_indices(self, x: torch.Tensor) -> torch.Tensor:
@@ -121,10 +133,11 @@ class VARDDStudent(VARTransformer):
                       given_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward, then keep the given positions: tokens = input, logits = one-hot log-distribution (0 / -inf) at
         the nearest codebook row of the input (or ``given_idx``)."""
-        tokens, logits = self(x_t, labels, t)
+        given = self._given(t, x_t.shape[0], x_t.device)
+        tokens, logits = self.fast_call(x_t, labels, given)
         if given_idx is None:
             given_idx = self.nearest_indices(x_t)
-        given = self._given(t, x_t.shape[0], x_t.device)[..., None]
+        given = given[..., None]
         one_hot = torch.full_like(logits, float("-inf")).scatter_(-1, given_idx[..., None], 0.0)
         return torch.where(given, x_t, tokens), torch.where(given, one_hot, logits)
 

@@ -1,0 +1,430 @@
+"""Fast paths (``dd.acceleration``): every one gives the eager path's tokens.
+
+Default suite (CPU, seconds): ``torch.compile`` with the ``aot_eager`` backend (``DD_COMPILE_BACKEND``: the full
+Dynamo capture and functionalisation of the in-place KV-cache writes, no code generation), CUDA-graph bookkeeping
+with an emulated capture (replay = rerun on the captured static buffers), the static full-cache decode step, bf16
+autocast agreement (reported, not asserted) and autocast-proof flow map / snapping. ``slow``: the same with Inductor
+(its first compile takes ~15-30 s on a small CPU). ``gpu``: real CUDA graphs and ``reduce-overhead`` compiles
+(``scripts/device_check.sh`` runs them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from dd.acceleration import (
+    FAST_PATHS,
+    CudaGraphCallable,
+    FastPathError,
+    accelerate,
+    check_fast_path,
+)
+from dd.evaluation.samplers import EvalModels, FewStepSampler, TeacherInvolvedSampler, TeacherSampler
+from dd.flow import FlowMapConfig, map_noise_to_tokens
+from dd.models.codebook import nearest_code_indices
+from dd.models.presets import random_weights, spec_from_yaml
+from dd.pairs.generation import generate_pair_batch
+from dd.sampling.seeds import per_sample_labels, per_sample_normal, per_sample_uniform, sample_seeds
+
+from conftest import REPO_ROOT
+
+PRESETS = ("gpt_test", "var_test")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture
+def fast_compile(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.compile through aot_eager: graph capture without the Inductor compile time."""
+    monkeypatch.setenv("DD_COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+
+
+@pytest.fixture
+def inductor(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DD_COMPILE_BACKEND", "inductor")
+    torch._dynamo.reset()
+
+
+def build(preset: str, device: str = "cpu"):
+    """Spec, family and student of a test preset with seeded random weights (as scripts/bench_speed.py)."""
+    spec = spec_from_yaml(REPO_ROOT / "configs" / "model" / f"{preset}.yaml")
+    tokenizer, teacher = spec.build_tokenizer(load=False), spec.build_teacher(load=False)
+    random_weights(tokenizer, 0)
+    random_weights(teacher, 1)
+    family = spec.make_family(tokenizer.to(device).eval(), teacher.to(device).eval())
+    student = spec.build_student(family.codebook(), init="random")
+    random_weights(student, 2)
+    student.set_codebook(family.codebook())
+    return spec, family, student.to(device).eval()
+
+
+def inputs(family, batch: int, device: str = "cpu", seed_base: int = 0):
+    seeds = sample_seeds(seed_base, 0, batch)
+    labels = per_sample_labels(seeds, family.num_classes).to(device)
+    noise = per_sample_normal(seeds, (family.sequence_length, family.token_dim), device=device)
+    uniforms = per_sample_uniform(seeds, family.sequence_length, device=device)
+    return labels, noise, uniforms
+
+
+def samplers(spec) -> dict[str, object]:
+    t_list, split = tuple(spec.default_t_list), spec.default_split_t
+    return {"teacher": TeacherSampler(spec.sampling), "fewstep": FewStepSampler(t_list, split),
+            "onestep": FewStepSampler((0,), split),
+            "teacher_involved": TeacherInvolvedSampler(t_list, split, t_list[1] - 1, spec.sampling)}
+
+
+def sample_all(models: EvalModels, spec, labels, noise, uniforms) -> dict[str, torch.Tensor]:
+    """Token ids of every sampler (continuous student outputs snapped to the codebook) and the raw sequences."""
+    out = {}
+    for name, sampler in samplers(spec).items():
+        sequence = sampler.sample(models, labels, noise, uniforms).sequence
+        out[name] = nearest_code_indices(sequence, models.family.codebook())
+        out[name + "/sequence"] = sequence
+    return out
+
+
+def set_fast_path(models: EvalModels, fast_path: str, dtype=None) -> None:
+    models.family.set_fast_path(fast_path)
+    models.student.set_fast_path(fast_path, dtype=dtype)
+
+
+def assert_same_tokens(fast: dict[str, torch.Tensor], eager: dict[str, torch.Tensor], atol: float = 1e-5) -> None:
+    for name in eager:
+        if name.endswith("/sequence"):
+            torch.testing.assert_close(fast[name], eager[name], atol=atol, rtol=1e-4, msg=name)
+        else:
+            assert torch.equal(fast[name], eager[name]), f"{name}: fast path tokens differ from eager"
+
+
+# -- settings and errors -------------------------------------------------------------------------------------------
+def test_fast_path_settings_are_validated() -> None:
+    assert FAST_PATHS == ("eager", "compile", "cuda_graph")
+    with pytest.raises(ValueError, match="fast_path='jit'"):
+        check_fast_path("jit")
+    with pytest.raises(ValueError, match="FlowMapConfig.fast_path"):
+        FlowMapConfig(fast_path="graph")
+    assert accelerate(len, "eager") is len
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
+def test_cuda_graphs_are_refused_without_cuda_with_a_clear_error() -> None:
+    _, family, student = build("gpt_test")
+    for configure in (lambda: student.set_fast_path("cuda_graph"), lambda: family.set_fast_path("cuda_graph"),
+                      lambda: FlowMapConfig(fast_path="cuda_graph")):
+        with pytest.raises(FastPathError, match="needs a CUDA device.*use fast_path='compile' or 'eager'"):
+            configure()
+
+
+def test_cuda_graph_callable_refuses_cpu_tensors() -> None:
+    graphed = CudaGraphCallable(lambda x: x + 1)
+    with pytest.raises(FastPathError, match=r"CUDA graphs need every input on a CUDA device"):
+        graphed(torch.ones(2))
+
+
+# -- CUDA-graph bookkeeping, emulated on the CPU ---------------------------------------------------------------------
+def _emulated_capture(fn, static_inputs, warmup):
+    """What a CUDA graph does, on the CPU: the capture records one call on the static inputs; a replay reruns it on
+    whatever the static inputs then hold and writes into the captured output tensors."""
+    for _ in range(warmup):
+        fn(*static_inputs)
+    outputs = fn(*static_inputs)
+
+    def replay() -> None:
+        fresh = fn(*static_inputs)
+        for old, new in zip(outputs if isinstance(outputs, tuple) else (outputs,),
+                            fresh if isinstance(fresh, tuple) else (fresh,)):
+            old.copy_(new)
+    return outputs, replay
+
+
+def test_cuda_graph_callable_copies_inputs_keys_signatures_and_clones_outputs() -> None:
+    calls = []
+
+    def fn(x, y):
+        calls.append(x.shape)
+        return x * 2 + y, x.sum(dim=-1)
+
+    graphed = CudaGraphCallable(fn, clone_outputs=True, warmup=1, _capture=_emulated_capture)
+    x, y = torch.arange(6.0).reshape(2, 3), torch.ones(2, 3)
+    first = graphed(x, y)
+    torch.testing.assert_close(first[0], x * 2 + y)
+    second = graphed(x + 1, y)  # same signature: replay on the copied inputs
+    assert graphed.num_graphs == 1
+    torch.testing.assert_close(second[0], (x + 1) * 2 + y)
+    torch.testing.assert_close(first[0], x * 2 + y)  # cloned: the replay did not overwrite it
+    graphed(torch.ones(4, 3), torch.ones(4, 3))  # a new batch size is a new graph
+    assert graphed.num_graphs == 2
+    shared = CudaGraphCallable(fn, clone_outputs=False, warmup=0, _capture=_emulated_capture)
+    a = shared(x, y)[0]
+    shared(x + 1, y)
+    torch.testing.assert_close(a, (x + 1) * 2 + y)  # not cloned: the static output buffer was overwritten
+
+
+def test_cuda_graph_callable_recaptures_when_the_weights_move() -> None:
+    linear = torch.nn.Linear(3, 2)
+    graphed = CudaGraphCallable(linear, anchor=linear.weight, _capture=_emulated_capture)
+    graphed(torch.ones(1, 3))
+    linear.weight.data = linear.weight.data.clone()  # new storage, as after module.to(device)
+    graphed(torch.ones(1, 3))
+    assert graphed.num_graphs == 1 and graphed._anchor_ptr == linear.weight.data_ptr()
+
+
+def test_graphed_teacher_decode_gives_the_eager_tokens_emulated() -> None:
+    """The LlamaGen decode step replayed from captured static buffers (caches and slot index by address, as a
+    CUDA graph sees them) generates the eager tokens, across batch sizes, prefixes and repeated calls."""
+    from dd.models.llamagen.fast import StaticDecoder
+
+    spec, family, _ = build("gpt_test")
+    labels, noise, uniforms = inputs(family, 3)
+    sampler = samplers(spec)["teacher"]
+    models = EvalModels(family)
+    eager = sampler.sample(models, labels, noise, uniforms).sequence
+    decoder = StaticDecoder(family.teacher, "eager")
+    decoder._step = CudaGraphCallable(family.teacher.decode_step_static, clone_outputs=True,
+                                      _capture=_emulated_capture)
+    family._decoder = decoder
+    for _ in range(2):
+        torch.testing.assert_close(sampler.sample(models, labels, noise, uniforms).sequence, eager)
+    torch.testing.assert_close(sampler.sample(models, labels[:1], noise[:1], uniforms[:1]).sequence, eager[:1])
+    assert decoder._step.num_graphs == 2  # one per batch size (CFG doubles the rows), reused by later calls
+
+
+# -- the static full-cache decode step -------------------------------------------------------------------------------
+def test_static_decode_step_matches_the_prefix_decode_step() -> None:
+    from dd.models.llamagen.fast import StaticDecoder
+
+    _, family, _ = build("gpt_test")
+    teacher = family.teacher
+    labels = torch.tensor([0, 1, 2, 3])
+    tokens = torch.randint(teacher.vocab_size, (4, teacher.block_size), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        teacher.setup_caches(4, teacher.block_size + 1)
+        teacher.prefill(labels)
+        eager = [teacher.decode_step(tokens[:, p - 1], p) for p in range(1, teacher.block_size)]
+        decoder = StaticDecoder(teacher, "eager")
+        decoder.prepare(4)
+        teacher.prefill(labels)
+        static = [decoder(tokens[:, p - 1], p) for p in range(1, teacher.block_size)]
+        full = teacher(labels, tokens[:, :-1])
+    for p, (a, b) in enumerate(zip(eager, static), start=1):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5, msg=f"slot {p}")
+        torch.testing.assert_close(b, full[:, p], atol=1e-5, rtol=1e-5, msg=f"slot {p} vs teacher forcing")
+    assert teacher.cache_positions.shape[0] % 8 == 0 and teacher.cache_positions.shape[0] > teacher.block_size
+
+
+# -- torch.compile, every sampler, both families ---------------------------------------------------------------------
+@pytest.mark.parametrize("preset", PRESETS)
+def test_compiled_teacher_and_student_give_the_eager_tokens(preset: str, fast_compile: None) -> None:
+    spec, family, student = build(preset)
+    models = EvalModels(family, student)
+    labels, noise, uniforms = inputs(family, 3)
+    eager = sample_all(models, spec, labels, noise, uniforms)
+    set_fast_path(models, "compile")
+    assert_same_tokens(sample_all(models, spec, labels, noise, uniforms), eager)
+    assert_same_tokens(sample_all(models, spec, labels, noise, uniforms), eager)  # reused programs and caches
+    small = {k: v[:2] for k, v in eager.items()}
+    assert_same_tokens(sample_all(models, spec, labels[:2], noise[:2], uniforms[:2]), small)  # another batch size
+
+
+def test_compiled_decode_step_and_trunks_capture_without_graph_breaks(fast_compile: None) -> None:
+    """fullgraph=True turns any graph break into an error: the captured units read nothing on the host."""
+    from dd.acceleration import CompileOptions, compile_callable
+
+    options = CompileOptions(fullgraph=True)
+    _, family, student = build("gpt_test")
+    teacher = family.teacher
+    with torch.no_grad():
+        teacher.setup_caches(2, teacher.block_size + 1)
+        teacher.prefill(torch.tensor([0, 1]))
+        step = compile_callable(teacher.decode_step_static, "cpu", options)
+        for p in (1, 2, 3):
+            step(torch.tensor([5, 6]), torch.tensor([p]))
+        x = torch.randn(2, student.block_size, student.codebook_dim)
+        compile_callable(student._fast_target, "cpu", options)(x, torch.tensor([0, 1]), torch.tensor([0, 3]))
+        _, _, var_student = build("var_test")
+        given = torch.zeros(2, var_student.token_length, dtype=torch.bool)
+        x = torch.randn(2, var_student.token_length, var_student.z_channels)
+        compile_callable(var_student._fast_target, "cpu", options)(x, torch.tensor([0, 1]), given)
+
+
+def test_students_fall_back_to_eager_while_training() -> None:
+    _, _, student = build("gpt_test")
+    student.set_fast_path("compile")
+    student.train()
+    x = torch.randn(1, student.block_size, student.codebook_dim)
+    tokens, _ = student.final_predict(x, torch.tensor([0]), 0)  # eager: gradients flow, nothing compiled
+    assert tokens.requires_grad
+
+
+# -- flow map ---------------------------------------------------------------------------------------------------------
+def _flow_case(rows: tuple[int, ...], vocab: int, dim: int, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    codebook = torch.nn.functional.normalize(torch.randn(vocab, dim, generator=generator), dim=-1)
+    logits = 3.0 * torch.randn(*rows, vocab, generator=generator)
+    logits[..., : vocab // 4] = float("-inf")  # filtered tokens, as after top-k
+    return torch.randn(*rows, dim, generator=generator), torch.log_softmax(logits, dim=-1), codebook
+
+
+@pytest.mark.parametrize("solver", ["dpmpp_2m", "euler", "heun"])
+def test_compiled_flow_map_gives_the_eager_tokens(solver: str, fast_compile: None) -> None:
+    """One compiled program per position batch (B,) and per VAR-like scale batch (B, n); a changing row count
+    compiles once more (dynamic) and then reuses it."""
+    config = FlowMapConfig(solver=solver, num_steps=12)
+    for rows in ((4,), (2, 9), (3, 16), (2, 4)):
+        noise, log_probs, codebook = _flow_case(rows, 64, 8, seed=len(rows) + rows[-1])
+        eager = map_noise_to_tokens(noise, log_probs, codebook, config)
+        fast = map_noise_to_tokens(noise, log_probs, codebook, dataclasses.replace(config, fast_path="compile"))
+        assert torch.equal(fast.indices, eager.indices)
+        torch.testing.assert_close(fast.endpoint, eager.endpoint, atol=1e-5, rtol=1e-5)
+
+
+def test_flow_map_chunks_and_vocab_streaming_compile_too(fast_compile: None) -> None:
+    noise, log_probs, codebook = _flow_case((5, 7), 96, 8, seed=3)
+    config = FlowMapConfig(num_steps=6, chunk_size=8, vocab_chunk_size=40)
+    eager = map_noise_to_tokens(noise, log_probs, codebook, config)
+    fast = map_noise_to_tokens(noise, log_probs, codebook, dataclasses.replace(config, fast_path="compile"))
+    assert torch.equal(fast.indices, eager.indices)
+    torch.testing.assert_close(fast.endpoint, eager.endpoint, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_pairs_with_every_cpu_fast_path_are_the_eager_pairs(preset: str, fast_compile: None) -> None:
+    """Pair generation end to end: compiled teacher decode and compiled flow map give the eager pairs."""
+    spec, family, _ = build(preset)
+    seeds = sample_seeds(0, 0, 3)
+    labels = per_sample_labels(seeds, family.num_classes)
+    flow = FlowMapConfig(num_steps=20)
+    eager = generate_pair_batch(family, seeds, labels, spec.sampling, flow)
+    family.set_fast_path("compile")
+    fast = generate_pair_batch(family, seeds, labels, spec.sampling, dataclasses.replace(flow, fast_path="compile"))
+    assert torch.equal(fast.indices, eager.indices)
+    torch.testing.assert_close(fast.max_snap_residual, eager.max_snap_residual, atol=1e-5, rtol=1e-4)
+
+
+# -- precision ----------------------------------------------------------------------------------------------------------
+def test_flow_map_and_code_snapping_ignore_a_callers_bf16_autocast() -> None:
+    """Under bf16 autocast (hardware=gpu's bf16-mixed wraps pair generation and evaluation) the flow map and the
+    nearest-code search keep their own precision: identical results (before, the solve failed with a dtype error
+    and the snapping ran its distance matmul in bf16)."""
+    noise, log_probs, codebook = _flow_case((6, 5), 256, 32, seed=1)
+    reference = map_noise_to_tokens(noise, log_probs, codebook, FlowMapConfig(num_steps=30))
+    points = codebook[torch.arange(40) % 256] + 1e-3 * torch.randn(40, 32, generator=torch.Generator().manual_seed(2))
+    nearest = nearest_code_indices(points, codebook)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mapped = map_noise_to_tokens(noise, log_probs, codebook, FlowMapConfig(num_steps=30))
+        snapped = nearest_code_indices(points, codebook)
+    assert torch.equal(mapped.indices, reference.indices) and torch.equal(mapped.endpoint, reference.endpoint)
+    assert torch.equal(snapped, nearest)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_bf16_autocast_runs_and_mostly_agrees_with_fp32(preset: str, record_property, capsys) -> None:
+    """Teacher under ``teacher_dtype=bfloat16``, student under ``set_fast_path(..., dtype="bfloat16")``: both run
+    and give valid tokens. Agreement with fp32 is reported, not asserted (an AR teacher diverges for good at its first
+    flipped token; random-weight test models have flat distributions)."""
+    spec, family, student = build(preset)
+    models = EvalModels(family, student)
+    labels, noise, uniforms = inputs(family, 8)
+    fp32 = sample_all(models, spec, labels, noise, uniforms)
+    family.teacher_dtype = torch.bfloat16
+    student.set_fast_path("eager", dtype="bfloat16")
+    bf16 = sample_all(models, spec, labels, noise, uniforms)
+    vocab = family.codebook().shape[0]
+    agreement = {}
+    for name in samplers(spec):
+        assert bf16[name].shape == fp32[name].shape and int(bf16[name].max()) < vocab
+        assert torch.isfinite(bf16[name + "/sequence"]).all()
+        agreement[name] = float((bf16[name] == fp32[name]).float().mean())
+        record_property(f"bf16_agreement_{name}", agreement[name])
+    with capsys.disabled():
+        print(f"\n{preset} bf16-vs-fp32 token agreement: "
+              + ", ".join(f"{k} {v:.3f}" for k, v in agreement.items()))
+
+
+# -- Inductor (slow on a CPU) -----------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", PRESETS)
+def test_inductor_compiled_paths_give_the_eager_tokens(preset: str, inductor: None) -> None:
+    spec, family, student = build(preset)
+    models = EvalModels(family, student)
+    labels, noise, uniforms = inputs(family, 3)
+    eager = sample_all(models, spec, labels, noise, uniforms)
+    set_fast_path(models, "compile")
+    assert_same_tokens(sample_all(models, spec, labels, noise, uniforms), eager, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_inductor_compiled_flow_map_gives_the_eager_tokens(inductor: None) -> None:
+    noise, log_probs, codebook = _flow_case((4, 6), 128, 8, seed=5)
+    config = FlowMapConfig(num_steps=10)
+    eager = map_noise_to_tokens(noise, log_probs, codebook, config)
+    fast = map_noise_to_tokens(noise, log_probs, codebook, dataclasses.replace(config, fast_path="compile"))
+    assert torch.equal(fast.indices, eager.indices)
+    torch.testing.assert_close(fast.endpoint, eager.endpoint, atol=1e-4, rtol=1e-4)
+
+
+# -- CUDA (scripts/device_check.sh) -----------------------------------------------------------------------------------
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("fast_path", ["cuda_graph", "compile"])
+@pytest.mark.parametrize("preset", PRESETS)
+def test_gpu_fast_paths_give_the_eager_tokens(preset: str, fast_path: str, inductor: None) -> None:
+    """Real CUDA graphs / reduce-overhead compiles of the teacher decode step and the student trunk."""
+    spec, family, student = build(preset, "cuda")
+    models = EvalModels(family, student)
+    labels, noise, uniforms = inputs(family, 3, "cuda")
+    eager = sample_all(models, spec, labels, noise, uniforms)
+    set_fast_path(models, fast_path)
+    for _ in range(2):
+        assert_same_tokens(sample_all(models, spec, labels, noise, uniforms), eager, atol=1e-4)
+    small = {k: v[:1] for k, v in eager.items()}
+    assert_same_tokens(sample_all(models, spec, labels[:1], noise[:1], uniforms[:1]), small, atol=1e-4)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("fast_path", ["cuda_graph", "compile"])
+def test_gpu_flow_map_fast_paths_give_the_eager_tokens(fast_path: str, inductor: None) -> None:
+    config = FlowMapConfig(num_steps=100)
+    for rows in ((4,), (2, 16), (2, 16), (3, 9)):
+        noise, log_probs, codebook = (t.cuda() for t in _flow_case(rows, 4096, 32, seed=rows[-1]))
+        eager = map_noise_to_tokens(noise, log_probs, codebook, config)
+        fast = map_noise_to_tokens(noise, log_probs, codebook, dataclasses.replace(config, fast_path=fast_path))
+        assert torch.equal(fast.indices, eager.indices)
+        torch.testing.assert_close(fast.endpoint, eager.endpoint, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("preset", PRESETS)
+def test_gpu_pairs_with_graphed_teacher_and_flow_map_are_the_eager_pairs(preset: str) -> None:
+    spec, family, _ = build(preset, "cuda")
+    seeds = sample_seeds(0, 0, 3)
+    labels = per_sample_labels(seeds, family.num_classes)
+    flow = FlowMapConfig(num_steps=50)
+    eager = generate_pair_batch(family, seeds, labels, spec.sampling, flow, "cuda")
+    family.set_fast_path("cuda_graph")
+    fast = generate_pair_batch(family, seeds, labels, spec.sampling, dataclasses.replace(flow, fast_path="cuda_graph"),
+                               "cuda")
+    assert torch.equal(fast.indices, eager.indices)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("preset", PRESETS)
+def test_gpu_bf16_runs_on_the_fast_paths(preset: str, capsys) -> None:
+    spec, family, student = build(preset, "cuda")
+    models = EvalModels(family, student)
+    labels, noise, uniforms = inputs(family, 8, "cuda")
+    fp32 = sample_all(models, spec, labels, noise, uniforms)
+    family.teacher_dtype = torch.bfloat16
+    set_fast_path(models, "cuda_graph", dtype="bfloat16")
+    bf16 = sample_all(models, spec, labels, noise, uniforms)
+    agreement = {name: float((bf16[name] == fp32[name]).float().mean()) for name in samplers(spec)}
+    with capsys.disabled():
+        print(f"\n{preset} CUDA bf16 (cuda_graph) vs fp32 token agreement: "
+              + ", ".join(f"{k} {v:.3f}" for k, v in agreement.items()))
+    assert all(torch.isfinite(bf16[name + "/sequence"]).all() for name in samplers(spec))
