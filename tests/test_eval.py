@@ -1,5 +1,6 @@
 """Evaluation: config composition of every sampler/schedule, validation before model loading, CPU smoke runs of
-the three samplers on gpt_test, #Step counts, batch-size independence, a Hydra multirun and the sweep summary."""
+the three samplers on gpt_test and var_test (timesteps in scales), #Step counts, batch-size independence, the
+offline failure of a VAR preset, a Hydra multirun and the sweep summary."""
 
 from __future__ import annotations
 
@@ -9,21 +10,24 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
 import dd.eval as dd_eval
+from dd.distill.ema import export_student
 from dd.evaluation.outputs import read_samples_npz
 from dd.evaluation.samplers import FewStepSampler, TeacherInvolvedSampler, TeacherSampler
-from dd.models.llamagen import LlamaGenSpec, make_spec
+from dd.models.llamagen import LlamaGenSpec
+from dd.models.presets import spec_from_yaml
+from dd.models.var import VARSpec
 from dd.runs import ConfigError
 
 from conftest import REPO_ROOT
@@ -34,6 +38,9 @@ SCHEDULES = sorted(p.stem for p in (CONFIGS / "schedule").glob("*.yaml"))
 METRICS_KEYS = {"task", "model", "sampler", "steps", "num_samples", "batch_size", "seed_base", "seed_range", "labels",
                 "checksums", "reference", "metrics", "fid_is_proxy", "fid_proxy_reason", "timing", "metrics_settings"}
 NO_METRICS = ["metrics.enabled=false"]
+PRESETS = ("gpt_test", "var_test")
+#: tests of plumbing that does not depend on the family (metrics, multirun, ranks) run on gpt_test only
+GPT_ONLY = pytest.mark.parametrize("preset", ["gpt_test"], indirect=True)
 
 
 @pytest.fixture(autouse=True)
@@ -56,24 +63,35 @@ def compose_cfg(overrides: list[str]) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
+@pytest.fixture(scope="module", params=PRESETS)
+def preset(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def student_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A teacher-initialised gpt_test student in the exported layout {'ema': ..., 'model': ...}."""
-    spec = make_spec(**yaml.safe_load((CONFIGS / "model" / "gpt_test.yaml").read_text()))
+def student_ckpt(preset: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A teacher-initialised student of the preset in its family's exported layout: {'ema': ..., 'model': ...}
+    (gpt_test) or {'trainer': {'ema_parameters': ..., 'var_wo_ddp': ...}} (var_test)."""
+    spec = spec_from_yaml(CONFIGS / "model" / f"{preset}.yaml")
     family = spec.build_family()
     student = spec.build_student(family.codebook(), init="teacher", teacher=family.teacher)
-    path = tmp_path_factory.mktemp("student") / "student_ema.pt"
-    torch.save({"ema": student.state_dict(), "model": student.state_dict()}, path)
+    path = tmp_path_factory.mktemp(f"student_{preset}") / "student_ema.pt"
+    if preset == "gpt_test":
+        torch.save({"ema": student.state_dict(), "model": student.state_dict()}, path)
+    else:
+        export_student(path, student.state_dict(), student.state_dict(), {"model": preset}, keys=spec.export_keys)
+        assert set(torch.load(path, weights_only=True)) == {"trainer"}
     return path
 
 
-def _overrides(out: Path, ckpt: Path, *extra: str, num_samples: int = 6, batch_size: int = 4) -> list[str]:
-    return ["model=gpt_test", f"student.checkpoint={ckpt}", f"output_dir={out}", f"num_samples={num_samples}",
+def _overrides(out: Path, ckpt: Path, *extra: str, num_samples: int = 6, batch_size: int = 4,
+               model: str = "gpt_test") -> list[str]:
+    return [f"model={model}", f"student.checkpoint={ckpt}", f"output_dir={out}", f"num_samples={num_samples}",
             f"batch_size={batch_size}", *extra]
 
 
 # -- composition ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("model", ["gpt_test", "gpt_tiny", "gpt_b", "gpt_l"])
+@pytest.mark.parametrize("model", ["gpt_test", "gpt_tiny", "gpt_b", "gpt_l", "var_test", "var_d16", "var_d20"])
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_every_sampler_composes_instantiates_and_validates(sampler: str, model: str) -> None:
     cfg = compose_cfg([f"sampler={sampler}", f"model={model}", "teacher_start_t=1", "output_dir=/tmp/unused"])
@@ -128,8 +146,9 @@ def no_model_loading(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("a model was loaded before validation finished")
 
-    for name in ("build_family", "build_tokenizer", "build_teacher", "build_student"):
-        monkeypatch.setattr(LlamaGenSpec, name, refuse)
+    for spec_class in (LlamaGenSpec, VARSpec):
+        for name in ("build_family", "build_tokenizer", "build_teacher", "build_student"):
+            monkeypatch.setattr(spec_class, name, refuse)
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -156,6 +175,34 @@ def test_impossible_settings_fail_before_any_model_is_loaded(overrides: list[str
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("overrides, message", [
+    pytest.param(["sampler=teacher_involved", "teacher_start_t=7"], "valid range 0..4", id="start7"),  # t_list [0, 5]
+    pytest.param(["sampler=teacher_involved", "teacher_start_t=5"], "valid range 0..4", id="start5"),
+    pytest.param(["sampler=teacher_involved", "teacher_start_t=-1"], "valid range 0..4", id="start-1"),
+    pytest.param(["sampler=teacher_involved", "schedule=onestep"], "exactly two timesteps", id="onestep"),
+    pytest.param(["schedule.t_list=[0,7,5]"], "strictly increasing", id="decreasing"),
+    pytest.param(["schedule.t_list=[2,5]"], "must start with 0", id="start_not_0"),
+    pytest.param(["schedule.t_list=[0,10]"], "valid: 0..9", id="t10"),  # 10 scales
+    pytest.param(["schedule.split_t=11"], "valid range 0..10", id="split11"),
+])
+def test_impossible_var_settings_fail_before_any_model_is_loaded(overrides: list[str], message: str,
+                                                                 no_model_loading: None, tmp_path: Path) -> None:
+    """VAR-d16 timesteps are scales (0..10), and the message says so."""
+    cfg = compose_cfg(["model=var_d16", *overrides, f"output_dir={tmp_path / 'out'}", "student.checkpoint=random:0"])
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.")) as err:
+        dd_eval.run(cfg)
+    assert "10 timesteps counted in scales" in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_impossible_var_test_settings_give_the_range_in_scales(no_model_loading: None, tmp_path: Path) -> None:
+    cfg = compose_cfg(["model=var_test", "sampler=teacher_involved", "teacher_start_t=2", f"output_dir={tmp_path}",
+                       "student.checkpoint=random:0"])
+    with pytest.raises(ConfigError, match=r"valid range 0\.\.1") as err:
+        dd_eval.run(cfg)
+    assert "4 timesteps counted in scales, 30 tokens" in str(err.value)
+
+
 def test_missing_student_checkpoint_names_the_path_and_the_command(no_model_loading: None, tmp_path: Path) -> None:
     cfg = compose_cfg(["sampler=fewstep", f"output_dir={tmp_path}"])
     with pytest.raises(ConfigError) as err:
@@ -164,18 +211,29 @@ def test_missing_student_checkpoint_names_the_path_and_the_command(no_model_load
     assert "outputs/train/gpt_tiny/export/student_ema.pt" in text and "python -m dd.train model=gpt_tiny" in text
 
 
+def test_missing_var_student_checkpoint_names_the_file(no_model_loading: None, tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / "student_ema.pt"
+    cfg = compose_cfg(["model=var_d16", "sampler=fewstep", f"student.checkpoint={missing}",
+                       f"output_dir={tmp_path / 'out'}"])
+    with pytest.raises(ConfigError) as err:
+        dd_eval.run(cfg)
+    text = str(err.value)
+    assert str(missing) in text and "python -m dd.train model=var_d16" in text
+    assert not (tmp_path / "out").exists()
+
+
 def test_teacher_sampler_needs_no_student_checkpoint(no_model_loading: None, tmp_path: Path) -> None:
     spec, sampler, plan = dd_eval.validate(compose_cfg(["sampler=teacher", f"output_dir={tmp_path}"]))
     assert sampler.kind == "teacher" and plan.label_accuracy and plan.extractor == "dd-fmnist-classifier"
 
 
-# -- CPU smoke runs on gpt_test ------------------------------------------------------------------------------------
+# -- CPU smoke runs on gpt_test and var_test -----------------------------------------------------------------------
 def _check_outputs(out: Path, payload: dict, num_samples: int) -> None:
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(payload, default=str))
     assert METRICS_KEYS <= set(payload)
     assert sorted(p.name for p in (out / "images").glob("*.png")) == [f"{i:06d}.png" for i in range(num_samples)]
     images, labels = read_samples_npz(out / "samples.npz")
-    size = images.shape[1]  # gpt_test: 4x4 tokens, 4x upsampling decoder -> 16 px
+    size = images.shape[1]  # gpt_test: 4x4 tokens, 4x upsampling decoder -> 16 px; var_test: 8 px
     assert images.dtype == np.uint8 and images.shape == (num_samples, size, size, 3) and labels.shape == (num_samples,)
     assert np.array_equal(np.asarray(Image.open(out / "images" / "000001.png")), images[1])
     assert Image.open(out / "grid.png").size[1] == size * len(set(labels.tolist()))  # one row per class present
@@ -186,23 +244,36 @@ def _check_outputs(out: Path, payload: dict, num_samples: int) -> None:
     assert payload["checksums"]["tokenizer"]["state_dict_sha256"]
 
 
-@pytest.mark.parametrize("extra, steps", [
-    (["sampler=fewstep", "schedule=onestep"], 1),
-    (["sampler=fewstep"], 2),  # gpt_test t_list [0, 8]
-    (["sampler=teacher_involved", "teacher_start_t=3"], 1 + (8 - 3) + 1),
-    (["sampler=teacher_involved", "teacher_start_t=0"], 8 + 1),
-    (["sampler=teacher"], 16),
-])
-def test_smoke_run_of_each_sampler(extra: list[str], steps: int, student_ckpt: Path, tmp_path: Path) -> None:
-    payload = dd_eval.run(compose_cfg(_overrides(tmp_path, student_ckpt, *extra, *NO_METRICS)))
+@pytest.mark.parametrize("preset, extra, steps", [
+    pytest.param("gpt_test", ["sampler=fewstep", "schedule=onestep"], 1, id="gpt_test-fewstep-onestep"),
+    pytest.param("gpt_test", ["sampler=fewstep"], 2, id="gpt_test-fewstep"),  # gpt_test t_list [0, 8]
+    pytest.param("gpt_test", ["sampler=teacher_involved", "teacher_start_t=3"], 1 + (8 - 3) + 1,
+                 id="gpt_test-teacher_involved-s3"),
+    pytest.param("gpt_test", ["sampler=teacher_involved", "teacher_start_t=0"], 8 + 1,
+                 id="gpt_test-teacher_involved-s0"),
+    pytest.param("gpt_test", ["sampler=teacher"], 16, id="gpt_test-teacher"),
+    # var_test: 4 scales, t_list [0, 2]; the teacher takes one step per scale
+    pytest.param("var_test", ["sampler=fewstep", "schedule=onestep"], 1, id="var_test-fewstep-onestep"),
+    pytest.param("var_test", ["sampler=fewstep"], 2, id="var_test-fewstep"),
+    pytest.param("var_test", ["sampler=teacher_involved", "teacher_start_t=1"], 1 + (2 - 1) + 1,
+                 id="var_test-teacher_involved-s1"),
+    pytest.param("var_test", ["sampler=teacher_involved", "teacher_start_t=0"], 2 + 1,
+                 id="var_test-teacher_involved-s0"),
+    pytest.param("var_test", ["sampler=teacher"], 4, id="var_test-teacher"),
+], indirect=["preset"])
+def test_smoke_run_of_each_sampler(preset: str, extra: list[str], steps: int, student_ckpt: Path,
+                                   tmp_path: Path) -> None:
+    payload = dd_eval.run(compose_cfg(_overrides(tmp_path, student_ckpt, *extra, *NO_METRICS, model=preset)))
     _check_outputs(tmp_path, payload, 6)
     assert payload["steps"] == steps
+    assert payload["model"]["preset"] == preset
     assert ("student" in payload["checksums"]) == (payload["sampler"]["kind"] != "teacher")
     assert ("teacher" in payload["checksums"]) == (payload["sampler"]["kind"] != "fewstep")
     if payload["sampler"]["kind"] != "teacher":
         assert len(payload["checksums"]["student"]["file_sha256"]) == 64
 
 
+@GPT_ONLY
 def test_metrics_are_computed_and_recorded(student_ckpt: Path, tmp_path: Path) -> None:
     payload = dd_eval.run(compose_cfg(_overrides(tmp_path, student_ckpt, "metrics.label_accuracy=true",
                                                  "metrics.prc_max_real=300", num_samples=12, batch_size=12)))
@@ -214,12 +285,15 @@ def test_metrics_are_computed_and_recorded(student_ckpt: Path, tmp_path: Path) -
     assert "12 < 50000 samples" in payload["fid_proxy_reason"]
 
 
-def test_samples_do_not_depend_on_batch_size(student_ckpt: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("preset, start", [("gpt_test", 3), ("var_test", 1)], indirect=["preset"],
+                         ids=["gpt_test", "var_test"])
+def test_samples_do_not_depend_on_batch_size(preset: str, start: int, student_ckpt: Path, tmp_path: Path) -> None:
     arrays = []
     for batch_size in (2, 3):
         out = tmp_path / f"bs{batch_size}"
-        dd_eval.run(compose_cfg(_overrides(out, student_ckpt, "sampler=teacher_involved", "teacher_start_t=3",
-                                           "write_images=false", *NO_METRICS, num_samples=5, batch_size=batch_size)))
+        dd_eval.run(compose_cfg(_overrides(out, student_ckpt, "sampler=teacher_involved", f"teacher_start_t={start}",
+                                           "write_images=false", *NO_METRICS, num_samples=5, batch_size=batch_size,
+                                           model=preset)))
         arrays.append(read_samples_npz(out / "samples.npz"))
     _assert_same_samples(arrays[0], arrays[1])
     assert len({a.tobytes() for a in arrays[0][0]}) == 5  # samples differ from each other
@@ -234,7 +308,48 @@ def _assert_same_samples(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, 
     assert difference.max() <= 1 and (difference > 0).mean() < 1e-3, (difference.max(), (difference > 0).mean())
 
 
+# -- a VAR preset offline ----------------------------------------------------------------------------------------
+#: VAR-d16's transformer in float32 (310M parameters): a run that built it would hold at least this much more memory
+VAR_D16_BYTES = 310e6 * 4
+# Runs a command and reports its peak resident memory (kB, Linux) on the last stderr line.
+_PEAK_RSS = ("import resource, subprocess, sys\n"
+             "code = subprocess.run(sys.argv[1:]).returncode\n"
+             "print('peak_rss_kb', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr)\n"
+             "sys.exit(code)\n")
+
+
+def _eval_cli(*overrides: str, cwd: Path) -> tuple[int, str, float, int]:
+    """``python -m dd.eval <overrides>`` offline: (exit status, stdout + stderr, seconds, peak RSS bytes)."""
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", _PEAK_RSS, sys.executable, "-m", "dd.eval", *overrides], cwd=cwd,
+                          env=dict(_env(), HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=300)
+    seconds = time.monotonic() - start
+    *lines, peak = proc.stderr.rstrip("\n").splitlines()
+    assert peak.startswith("peak_rss_kb "), proc.stderr
+    return proc.returncode, proc.stdout + "\n".join(lines), seconds, int(peak.split()[1]) * 1024
+
+
+def test_var_d16_offline_names_the_missing_tokenizer_file_and_the_setting(tmp_path: Path) -> None:
+    """With a student file at hand but no VQVAE weights offline, dd.eval fails within seconds in one line that names
+    the file and the setting that takes a local path, without building the models first."""
+    dummy = tmp_path / "student_ema.pt"
+    dummy.write_bytes(b"not read: the tokenizer is missing first")
+    # the same command with a missing student file fails in validation, before anything is built: the baseline
+    code, baseline_output, _, baseline_rss = _eval_cli("model=var_d16", "sampler=fewstep",
+                                                       f"student.checkpoint={tmp_path / 'missing.pt'}", cwd=tmp_path)
+    assert code != 0 and str(tmp_path / "missing.pt") in baseline_output, baseline_output
+    code, output, seconds, rss = _eval_cli("model=var_d16", "sampler=fewstep", f"student.checkpoint={dummy}",
+                                           cwd=tmp_path)
+    assert code != 0, output
+    assert "Traceback" not in output, output
+    assert "vae_ch160v4096z32.pth" in output and "model.tokenizer.checkpoint=" in output, output
+    assert seconds < 20, f"took {seconds:.0f} s"
+    extra = rss - baseline_rss
+    assert extra < VAR_D16_BYTES / 2, f"{extra / 2**20:.0f} MiB more than a run that failed in validation"
+
+
 # -- multirun + sweep summary ----------------------------------------------------------------------------------
+@GPT_ONLY
 def test_multirun_sweep_and_summary(student_ckpt: Path, tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     command = [sys.executable, "-m", "dd.eval", "-m", "model=gpt_test", "sampler=teacher_involved",
@@ -254,6 +369,7 @@ def test_multirun_sweep_and_summary(student_ckpt: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@GPT_ONLY
 def test_two_cpu_ranks_write_the_same_samples_as_one(student_ckpt: Path, tmp_path: Path) -> None:
     outputs = {}
     for devices in (1, 2):
