@@ -21,7 +21,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from dd.evaluation.quality import FMNIST_EXTRACTOR, MetricPlan, resolve_metric_plan
 from dd.evaluation.samplers import EvalModels, EvalSampler
-from dd.runs import ConfigError, is_multirun, is_rank_zero, refuse_multirun_with_ddp, save_resolved_config
+from dd.runs import (
+    ConfigError,
+    fast_path_from_config,
+    is_multirun,
+    is_rank_zero,
+    refuse_multirun_with_ddp,
+    save_resolved_config,
+)
 
 log = logging.getLogger("dd.eval")
 
@@ -39,8 +46,10 @@ def _check_counts(cfg: dict[str, Any]) -> None:
         raise ConfigError(f"seed_base={cfg['seed_base']} must be >= 0")
     if cfg.get("float32_matmul_precision", "highest") not in ("highest", "high", "medium"):
         raise ConfigError(f"float32_matmul_precision={cfg['float32_matmul_precision']!r}: highest, high or medium")
-    if cfg.get("teacher_dtype") not in _DTYPES:
-        raise ConfigError(f"teacher_dtype={cfg.get('teacher_dtype')!r}: choose null, float32, bfloat16 or float16")
+    for key in ("teacher_dtype", "student_dtype"):
+        if cfg.get(key) not in _DTYPES:
+            raise ConfigError(f"{key}={cfg.get(key)!r}: choose null, float32, bfloat16 or float16")
+    fast_path_from_config(cfg.get("fast_path", "eager"), cfg["trainer"])
 
 
 def _check_labels(mode: Any, num_classes: int) -> None:
@@ -120,10 +129,13 @@ def build_models(cfg: dict[str, Any], spec: Any, sampler: EvalSampler) -> EvalMo
     """Tokenizer, teacher (weights only when the sampler runs it; otherwise a shape-only meta module) and student."""
     dtype = _DTYPES[cfg.get("teacher_dtype")]
     family = spec.build_family(teacher_dtype=dtype, load_teacher=sampler.needs_teacher)
+    fast_path = cfg.get("fast_path", "eager")
+    family.set_fast_path(fast_path)
     student = None
     if sampler.needs_student:
         student = spec.build_student(family.codebook(), init="checkpoint", checkpoint=student_reference(cfg, spec),
                                      checkpoint_key=cfg["student"].get("checkpoint_key")).eval()
+        student.set_fast_path(fast_path, dtype=_DTYPES[cfg.get("student_dtype")])
     return EvalModels(family, student)
 
 
@@ -182,7 +194,8 @@ def _report(cfg: dict[str, Any], spec: Any, sampler: EvalSampler, plan: MetricPl
         "num_samples": num_samples, "batch_size": int(cfg["batch_size"]), "seed_base": seed_base,
         "seed_range": [seed_base, seed_base + num_samples - 1], "labels": cfg["labels"],
         "label_counts": [int((assembled.labels == c).sum()) for c in range(num_classes)],
-        "teacher_dtype": cfg.get("teacher_dtype"), "trainer": cfg["trainer"], "checksums": sums,
+        "teacher_dtype": cfg.get("teacher_dtype"), "student_dtype": cfg.get("student_dtype"),
+        "fast_path": cfg.get("fast_path", "eager"), "trainer": cfg["trainer"], "checksums": sums,
         "reference": {"path": plan.reference, "sha256": plan.reference_sha256,
                       "num_samples": plan.reference_num_samples, "prc_reference": plan.prc_reference},
         "metrics_settings": plan.describe(), "metrics": quality,

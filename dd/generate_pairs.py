@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from dd.pairs.shards import FORMAT_VERSION, check_settings_match, read_manifest, state_dict_sha256, write_manifest
 from dd.runs import (
     ConfigError,
+    fast_path_from_config,
     flow_from_config,
     is_multirun,
     is_rank_zero,
@@ -36,6 +37,7 @@ def _validate(cfg: dict[str, Any]) -> None:
         raise ConfigError(f"seed_base={cfg['seed_base']} must be >= 0")
     sampling_from_config(cfg["model"]["sampling"])
     flow_from_config(cfg["flow"])
+    fast_path_from_config(cfg.get("fast_path", "eager"), cfg["trainer"])
     refuse_multirun_with_ddp(cfg["trainer"], is_multirun())
 
 
@@ -53,6 +55,7 @@ def _settings(cfg: dict[str, Any], spec: Any, family: Any) -> dict[str, Any]:
         "num_classes": family.num_classes,
         "sampling": dict(cfg["model"]["sampling"]),
         "flow": dict(cfg["flow"]),
+        "fast_path": cfg.get("fast_path", "eager"),  # execution only (same pairs): not compared on resume
         "seed_base": int(cfg["seed_base"]),
         "labels": cfg["labels"],
         "num_pairs": int(cfg["num_pairs"]),
@@ -94,6 +97,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     directory = Path(cfg["output_dir"]) / "pairs"
     spec = instantiate(cfg["model"], _convert_="all")
     family = spec.build_family()
+    family.set_fast_path(cfg.get("fast_path", "eager"))
     settings = _settings(cfg, spec, family)
     _prepare_directory(directory, settings)
     if is_rank_zero():

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from dd.acceleration import FastPathError, check_fast_path, require_cuda_graphs
 from dd.checkpoint import CheckpointError
 from dd.flow import FlowMapConfig
 from dd.pairs.shards import PairFormatError
@@ -34,8 +35,23 @@ def sampling_from_config(cfg: dict[str, Any]) -> SamplingConfig:
 def flow_from_config(cfg: dict[str, Any]) -> FlowMapConfig:
     try:
         return FlowMapConfig(**cfg)
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, FastPathError) as err:
         raise ConfigError(f"flow: {err}") from err
+
+
+def fast_path_from_config(fast_path: Any, trainer_cfg: dict[str, Any], key: str = "fast_path") -> str:
+    """A ``fast_path`` setting (:data:`dd.acceleration.FAST_PATHS`), checked before any model is loaded:
+    ``cuda_graph`` needs CUDA and a GPU run (``hardware=gpu`` / ``gpu_fp32``)."""
+    try:
+        fast_path = check_fast_path(fast_path)
+        if fast_path == "cuda_graph":
+            if trainer_cfg.get("accelerator") == "cpu":
+                raise FastPathError("fast_path='cuda_graph' captures CUDA graphs, but trainer.accelerator=cpu; run "
+                                    "with hardware=gpu (or gpu_fp32), or use fast_path=compile or eager")
+            require_cuda_graphs()
+    except (ValueError, FastPathError) as err:
+        raise ConfigError(f"{key}: {err}") from err
+    return fast_path
 
 
 def refuse_multirun_with_ddp(trainer_cfg: dict[str, Any], is_multirun: bool) -> None:

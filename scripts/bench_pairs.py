@@ -9,19 +9,28 @@ a ratio.
     python scripts/bench_pairs.py --preset gpt_b --batch 8 --repeats 3            # CPU
     python scripts/bench_pairs.py --preset var_d16 --batch 8 --repeats 3          # CPU, VAR (one flow solve per scale)
     python scripts/bench_pairs.py --preset gpt_b --batch 256 --device cuda --dtype bf16
+    python scripts/bench_pairs.py --preset gpt_b --batch 1 --device cuda --fast-paths eager,cuda_graph \
+        --flow-fast-paths eager,cuda_graph --settings dpmpp_2m:100 --repeats 2      # GPU fast paths, batch 1
+
+``--fast-paths`` runs the whole table once per teacher decode path (``dd.acceleration``; overheads are relative to
+multinomial sampling with the same teacher path), ``--flow-fast-paths`` times each flow setting once per ODE-solve
+path (``FlowMapConfig.fast_path``). Rows with a non-eager path get one untimed warm-up (compile / capture).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 import dataclasses
 
+from dd.acceleration import check_fast_path
 from dd.flow import FlowMapConfig
 from dd.models.presets import random_weights, spec_from_yaml
 from dd.pairs.generation import FlowChooser
@@ -30,6 +39,14 @@ from dd.sampling.seeds import per_sample_normal, per_sample_uniform, sample_seed
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = [("dpmpp_2m", 25, "uniform"), ("dpmpp_2m", 50, "uniform"), ("dpmpp_2m", 100, "uniform"), ("euler", 200, "uniform")]
+
+
+def parse_setting(text: str) -> tuple[str, int, str]:
+    """``solver:steps[:grid]`` -> (solver, steps, grid)."""
+    parts = text.strip().split(":")
+    if len(parts) not in (2, 3):
+        raise SystemExit(f"--settings entry {text!r}: expected solver:steps[:grid], e.g. dpmpp_2m:100")
+    return parts[0], int(parts[1]), parts[2] if len(parts) == 3 else "uniform"
 
 
 def _sync(device: torch.device) -> None:
@@ -56,9 +73,19 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=None, help="default: the preset's sampling.top_k")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     parser.add_argument("--out", default=None, help="also write the table to this markdown file")
+    parser.add_argument("--fast-paths", default="eager", help="teacher decode paths, comma-separated")
+    parser.add_argument("--flow-fast-paths", default="eager", help="flow-map ODE-solve paths, comma-separated")
+    parser.add_argument("--settings", default=None,
+                        help="flow settings solver:steps[:grid], comma-separated (default: the four of the README)")
+    parser.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.compile_backend:
+        os.environ["DD_COMPILE_BACKEND"] = args.compile_backend
+    teacher_paths = [check_fast_path(p.strip()) for p in args.fast_paths.split(",")]
+    flow_paths = [check_fast_path(p.strip()) for p in args.flow_fast_paths.split(",")]
+    settings = SETTINGS if args.settings is None else [parse_setting(item) for item in args.settings.split(",")]
     device = torch.device(args.device)
     spec = spec_from_yaml(REPO / "configs" / "model" / f"{args.preset}.yaml")
     teacher, tokenizer = spec.build_teacher(load=False), spec.build_tokenizer(load=False)
@@ -78,31 +105,43 @@ def main() -> None:
         with autocast:
             family.teacher_generate(labels, 0, family.num_timesteps, None, sampling, chooser)
 
-    def flow(setting: tuple[str, int, str]) -> None:
+    def flow(setting: tuple[str, int, str], flow_path: str) -> None:
         solver, steps, grid = setting
         noise = per_sample_normal(seeds, (length, dim), device=device)
-        chooser = FlowChooser(noise, codebook, FlowMapConfig(solver=solver, num_steps=steps, time_grid=grid))
+        config = FlowMapConfig(solver=solver, num_steps=steps, time_grid=grid, fast_path=flow_path)
+        chooser = FlowChooser(noise, codebook, config)
         with autocast:
             family.teacher_generate(labels, 0, family.num_timesteps, None, sampling, chooser)
 
-    plain()  # warm-up
-    times: dict[str, list[float]] = {"multinomial": []}
-    for setting in SETTINGS:
-        times[f"{setting[0]} {setting[1]} steps ({setting[2]})"] = []
-    for _ in range(args.repeats):  # interleaved so drifts in machine load hit every row alike
-        times["multinomial"].append(_time(plain, device))
-        for setting in SETTINGS:
-            times[f"{setting[0]} {setting[1]} steps ({setting[2]})"].append(_time(lambda s=setting: flow(s), device))
-    base = statistics.median(times["multinomial"])
     lines = [f"preset {args.preset} ({sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M teacher, "
              f"{length} tokens, V={codebook.shape[0]}), batch {args.batch}, CFG {sampling.cfg_scale}, top-k "
              f"{sampling.top_k}, top-p {sampling.top_p},"
-             f" device {device}, {args.dtype}, torch threads {torch.get_num_threads()}, median of {args.repeats}",
-             "", "| token choice | s / batch | pairs/s | time vs multinomial | flow-map overhead |",
-             "|---|---|---|---|---|"]
-    for name, values in times.items():
-        t = statistics.median(values)
-        lines.append(f"| {name} | {t:.2f} | {args.batch / t:.2f} | {t / base:.3f}x | {100 * (t / base - 1):+.1f}% |")
+             f" device {device}, {args.dtype}, torch threads {torch.get_num_threads()}, median of {args.repeats}"
+             + (f", torch.compile backend {os.environ.get('DD_COMPILE_BACKEND', 'inductor')}"
+                if "compile" in teacher_paths + flow_paths else ""),
+             "", "| teacher path | token choice | s / batch | pairs/s | time vs multinomial | flow-map overhead |",
+             "|---|---|---|---|---|---|"]
+    for teacher_path in teacher_paths:
+        family.set_fast_path(teacher_path)
+        rows: dict[str, Callable[[], None]] = {"multinomial": plain}
+        for setting in settings:
+            for flow_path in flow_paths:
+                suffix = "" if flow_path == "eager" else f" [flow {flow_path}]"
+                rows[f"{setting[0]} {setting[1]} steps ({setting[2]}){suffix}"] = \
+                    lambda s=setting, f=flow_path: flow(s, f)
+        plain()  # warm-up (and the teacher path's compile / capture)
+        for name, fn in rows.items():
+            if name != "multinomial" and (teacher_path != "eager" or "[flow" in name):
+                fn()  # compile / capture the flow solve before timing
+        times: dict[str, list[float]] = {name: [] for name in rows}
+        for _ in range(args.repeats):  # interleaved so drifts in machine load hit every row alike
+            for name, fn in rows.items():
+                times[name].append(_time(fn, device))
+        base = statistics.median(times["multinomial"])
+        for name, values in times.items():
+            t = statistics.median(values)
+            lines.append(f"| {teacher_path} | {name} | {t:.4g} | {args.batch / t:.4g} | {t / base:.3f}x | "
+                         f"{100 * (t / base - 1):+.1f}% |")
     table = "\n".join(lines)
     print(table)
     if args.out:

@@ -122,11 +122,21 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+#: flow settings that change how the map runs, not the pairs (fast paths give the eager indices)
+EXECUTION_ONLY_FLOW_KEYS = ("fast_path",)
+
+
+def _identity(key: str, value: Any) -> Any:
+    if key == "flow" and isinstance(value, Mapping):
+        return {k: v for k, v in value.items() if k not in EXECUTION_ONLY_FLOW_KEYS}
+    return value
+
+
 def check_settings_match(existing: Mapping[str, Any], current: Mapping[str, Any]) -> None:
     """Refuse to resume into a directory generated with other settings (it would mix two distributions)."""
     keys = ("format_version", "teacher", "sampling", "flow", "seed_base", "labels", "num_pairs", "shard_size",
             "sequence_length", "token_dim", "store_noise")
-    diffs = [k for k in keys if existing.get(k) != current.get(k)]
+    diffs = [k for k in keys if _identity(k, existing.get(k)) != _identity(k, current.get(k))]
     if diffs:
         detail = "; ".join(f"{k}: existing {existing.get(k)!r} vs now {current.get(k)!r}" for k in diffs)
         raise PairFormatError(f"the output directory already holds pairs generated with other settings ({detail}). "
