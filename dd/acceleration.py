@@ -73,6 +73,17 @@ def autocast(device_type: str, dtype: torch.dtype | None) -> contextlib.Abstract
     return torch.autocast(device_type, dtype=dtype)
 
 
+def active_autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast lowers to on ``device_type`` right now, or None when autocast is off there."""
+    try:
+        enabled, dtype = torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+    except (TypeError, AttributeError):  # torch < 2.4: per-device functions
+        cuda = device_type == "cuda"
+        enabled = torch.is_autocast_enabled() if cuda else torch.is_autocast_cpu_enabled()
+        dtype = torch.get_autocast_gpu_dtype() if cuda else torch.get_autocast_cpu_dtype()
+    return dtype if enabled else None
+
+
 @contextlib.contextmanager
 def full_precision(device_type: str) -> Iterator[None]:
     """Autocast off: code that must run in the dtype it chose (the flow map, nearest-code search) stays there
@@ -133,9 +144,7 @@ def _signature(args: tuple[Any, ...]) -> tuple[Any, ...]:
             parts.append((tuple(a.shape), a.dtype, str(a.device)))
         else:
             parts.append(("const", a))
-    device_type = "cuda"
-    if torch.is_autocast_enabled(device_type):
-        parts.append(("autocast", torch.get_autocast_dtype(device_type)))
+    parts.append(("autocast", active_autocast_dtype("cuda")))
     return tuple(parts)
 
 
@@ -160,9 +169,10 @@ class _Graph:
         self.inputs, self.outputs, self.replay = inputs, outputs, replay
 
 
-def _capture_cuda(fn: Callable[..., Any], static_inputs: list[Any], warmup: int,
-                  pool: Any) -> tuple[Any, Callable[[], None]]:
-    """Warm up on a side stream (lazy init, cuBLAS workspaces, allocator), then capture one call of ``fn``."""
+def _capture_cuda(fn: Callable[..., Any], static_inputs: list[Any], warmup: int) -> tuple[Any, Callable[[], None]]:
+    """Warm up on a side stream (lazy init, cuBLAS workspaces, allocator), then capture one call of ``fn``.
+
+    Each graph gets its own memory pool: graphs of different signatures may then be replayed in any order."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -170,7 +180,7 @@ def _capture_cuda(fn: Callable[..., Any], static_inputs: list[Any], warmup: int,
             fn(*static_inputs)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    with torch.cuda.graph(graph):
         outputs = fn(*static_inputs)
     return outputs, graph.replay
 
@@ -196,8 +206,7 @@ class CudaGraphCallable:
         self.anchor = anchor
         self._anchor_ptr = None if anchor is None else anchor.data_ptr()
         self._graphs: dict[tuple[Any, ...], _Graph] = {}
-        self._capture = _capture or self._capture_on_cuda
-        self._pool: Any = None
+        self._capture = _capture or _capture_cuda
 
     @property
     def num_graphs(self) -> int:
@@ -206,15 +215,9 @@ class CudaGraphCallable:
     def reset(self) -> None:
         """Forget every captured graph (the next call captures again)."""
         self._graphs.clear()
-        self._pool = None
-
-    def _capture_on_cuda(self, fn: Callable[..., Any], inputs: list[Any], warmup: int) -> tuple[Any, Callable[[], None]]:
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()  # every signature's graph shares one memory pool
-        return _capture_cuda(fn, inputs, warmup, self._pool)
 
     def _check_device(self, args: tuple[Any, ...]) -> None:
-        if self._capture == self._capture_on_cuda:
+        if self._capture is _capture_cuda:
             devices = {a.device.type for a in args if isinstance(a, torch.Tensor)}
             if devices - {"cuda"}:
                 raise FastPathError(f"fast_path='cuda_graph' got tensors on {sorted(devices)}: CUDA graphs need every "

@@ -14,14 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from dd.acceleration import CompileOptions, accelerate, check_fast_path
+from dd.acceleration import CompileOptions, accelerate, active_autocast_dtype, check_fast_path
 from dd.models.llamagen.gpt import LlamaGenGPT
-
-
-def _active_autocast_dtype(device_type: str) -> torch.dtype | None:
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None
 
 
 class StaticDecoder:
@@ -43,7 +37,7 @@ class StaticDecoder:
         """Install full-length caches for ``batch`` rows (the ones of an earlier call with the same batch, dtype and
         device, if any). ``cache_dtype`` None: the autocast dtype when autocast is on, else the weights' dtype."""
         weight = self.model.output.weight
-        dtype = cache_dtype or _active_autocast_dtype(weight.device.type) or weight.dtype
+        dtype = cache_dtype or active_autocast_dtype(weight.device.type) or weight.dtype
         key = (batch, dtype, weight.device)
         if key in self._cache_sets:
             self.model.install_cache_state(self._cache_sets[key])
