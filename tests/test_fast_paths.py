@@ -556,3 +556,32 @@ def test_pairs_benchmark_times_flow_fast_paths(tmp_path, monkeypatch, fast_compi
     bench.main()
     rows = [line for line in out.read_text().splitlines() if line.startswith(("| eager", "| compile"))]
     assert len(rows) == 6 and rows[2].startswith("| eager | dpmpp_2m 10 steps (uniform) [flow compile] |")
+
+
+# -- scripts/device_check.sh ---------------------------------------------------------------------------------------------
+def test_device_check_script_parses_and_documents_itself() -> None:
+    import subprocess
+
+    script = REPO_ROOT / "scripts" / "device_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    usage = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, check=True).stdout
+    assert "--cpu" in usage and "device_check.md" in usage and "8 minutes" in usage
+
+
+@pytest.mark.slow
+def test_device_check_cpu_rehearsal_writes_one_report(tmp_path) -> None:
+    """The whole script on the CPU with the tiny presets (about a minute on 2 cores): every stage ok, one report
+    with the test summary, the side-by-side speed table and the pair tables."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "DD_DEVICE_CHECK_CPU": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("OUT", None)
+    subprocess.run(["bash", str(REPO_ROOT / "scripts" / "device_check.sh"), str(tmp_path)], env=env, check=True,
+                   capture_output=True, timeout=600)
+    report = (tmp_path / "device_check.md").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["device_check.md", "device_check_logs.txt"]
+    for stage in ("env", "tests", "speed", "pairs_1", "pairs_2"):
+        assert f"| {stage} | ok |" in report, report
+    assert " passed" in report and "| gpt_test | 1 | teacher | 16 |" in report and "| var_test | 2 | DD 1-step |" in report
+    assert report.count("| compile | dpmpp_2m 20 steps (uniform) [flow compile] |") == 2
