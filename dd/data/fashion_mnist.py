@@ -94,6 +94,7 @@ def default_root() -> Path:
 #: Where the files were when dd was imported. Loaders called without ``root`` look again, so a download made later
 #: in the same process is found.
 DEFAULT_ROOT = default_root()
+
 FASHION_MNIST_CLASSES: tuple[str, ...] = (
     "T-shirt/top",
     "Trouser",
