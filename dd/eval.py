@@ -5,6 +5,10 @@ missing reference statistics or extractor weights) fails with a :class:`~dd.runs
 loaded. Sampling runs through ``Trainer.predict`` (``trainer.devices=N`` shards the sample indices over N devices
 with identical results); rank 0 then writes ``samples.npz``, ``grid.png`` and ``metrics.json``
 (see :mod:`dd.evaluation.outputs`).
+
+Re-running the same command resumes (``resume=auto``, :mod:`dd.evaluation.resume`): finished batches are kept, only
+the missing sample ranges are sampled, and the metrics are recomputed; a folder made with other settings or weights
+is refused unless ``resume=never`` asks to start over.
 """
 
 from __future__ import annotations
@@ -16,10 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dd.evaluation.quality import FMNIST_EXTRACTOR, MetricPlan, resolve_metric_plan
+from dd.evaluation.resume import RESUME_MODES, ResumeMismatchError
 from dd.evaluation.samplers import EvalModels, EvalSampler
 from dd.runs import (
     ConfigError,
@@ -49,6 +55,8 @@ def _check_counts(cfg: dict[str, Any]) -> None:
     for key in ("teacher_dtype", "student_dtype"):
         if cfg.get(key) not in _DTYPES:
             raise ConfigError(f"{key}={cfg.get(key)!r}: choose null, float32, bfloat16 or float16")
+    if cfg.get("resume", "auto") not in RESUME_MODES:
+        raise ConfigError(f"resume={cfg.get('resume')!r}: choose {' or '.join(RESUME_MODES)}")
     fast_path_from_config(cfg.get("fast_path", "eager"), cfg["trainer"])
 
 
@@ -164,19 +172,88 @@ def _class_names(plan: MetricPlan, num_classes: int) -> tuple[str, ...] | None:
     return FASHION_MNIST_CLASSES if fmnist else None
 
 
-def _sample(cfg: dict[str, Any], models: EvalModels, sampler: EvalSampler, out: Path) -> Any:
-    """Trainer.predict over batches of sample indices; returns the trainer."""
+def _sample(cfg: dict[str, Any], models: EvalModels, sampler: EvalSampler, out: Path,
+            ranges: list[tuple[int, int]]) -> Any:
+    """Trainer.predict over the given (first, count) batches of sample indices (none: nothing is run, e.g. a
+    finished run being re-scored); returns the trainer."""
     import lightning as L
 
-    from dd.tasks.eval_sampling import EvalSampleWriter, EvalSamplingTask, batch_ranges
+    from dd.tasks.eval_sampling import EvalSampleWriter, EvalSamplingTask
 
-    ranges = batch_ranges(int(cfg["num_samples"]), int(cfg["batch_size"]))
     task = EvalSamplingTask(models, sampler, int(cfg["seed_base"]), cfg["labels"], ranges)
-    writer = EvalSampleWriter(out, bool(cfg.get("write_images", True)), int(cfg["num_samples"]))
+    writer = EvalSampleWriter(out, bool(cfg.get("write_images", True)), sum(count for _, count in ranges))
     trainer = L.Trainer(**cfg["trainer"], logger=False, callbacks=[writer], enable_progress_bar=False,
                         use_distributed_sampler=False, enable_checkpointing=False, enable_model_summary=False)
-    trainer.predict(task, return_predictions=False)
+    if ranges:
+        trainer.predict(task, return_predictions=False)
     return trainer
+
+
+# -- resuming ----------------------------------------------------------------------------------------------------
+def resume_settings(cfg: dict[str, Any], sampler: EvalSampler) -> dict[str, Any]:
+    """What determines the samples, compared when a run resumes. Not compared: batch size, devices, fast path,
+    images on/off, metrics and grid settings (how samples are made, stored or scored, not what they are), and file
+    references (the weights' checksums are compared instead, so a moved file still resumes)."""
+    model = {key: ({k: v for k, v in value.items() if k not in ("checkpoint", "checkpoint_key")}
+                   if isinstance(value, dict) else value) for key, value in cfg["model"].items()}
+    return {"model": model, "sampler": sampler.describe(), "num_samples": int(cfg["num_samples"]),
+            "seed_base": int(cfg["seed_base"]), "labels": cfg["labels"],
+            "numerics": {"precision": cfg["trainer"].get("precision"), "teacher_dtype": cfg.get("teacher_dtype"),
+                         "student_dtype": cfg.get("student_dtype"),
+                         "float32_matmul_precision": cfg.get("float32_matmul_precision")}}
+
+
+def _refuse(out: Path, err: ResumeMismatchError) -> ConfigError:
+    return ConfigError(f"{out} holds samples of another evaluation ({err}). Re-running keeps finished samples only "
+                       f"when nothing that shapes them changed: pass resume=never to discard them and start over, or "
+                       f"output_dir=<another folder>")
+
+
+def _open_state(cfg: dict[str, Any], out: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """Rank 0, before any model is built: the run state to continue, after checking its settings; a fresh one (old
+    outputs cleared) for a new folder or ``resume=never``."""
+    from dd.evaluation import outputs, resume
+
+    state = None
+    try:
+        if cfg.get("resume", "auto") == "auto":
+            state = resume.read_state(out)
+            if state is not None:
+                resume.check_same(state["settings"], settings, "settings")
+    except ResumeMismatchError as err:
+        raise _refuse(out, err) from err
+    if state is None:
+        outputs.clear_outputs(out)  # a new run, a folder from before eval_state.json, or resume=never
+        state = resume.new_state(settings)
+    resume.remove_partial_writes(out)
+    state["sessions"] = int(state.get("sessions", 0)) + 1
+    resume.write_state(out, state)
+    return state
+
+
+def _check_weights(out: Path, state: dict[str, Any], sums: dict[str, Any]) -> None:
+    """Rank 0, once the models are built: the weights must be those that made the kept samples."""
+    from dd.evaluation import resume
+
+    weights = {name: entry["state_dict_sha256"] for name, entry in sums.items()}
+    if state["checksums"] is not None:
+        try:
+            resume.check_same(state["checksums"], weights, "weights (state_dict_sha256)")
+        except ResumeMismatchError as err:
+            raise _refuse(out, err) from err
+    state["checksums"] = weights
+    resume.write_state(out, state)
+
+
+def _pending_ranges(cfg: dict[str, Any], out: Path, complete: bool) -> list[tuple[int, int]]:
+    """The batches still to sample (read from disk on every rank: ranks > 0 start after rank 0 prepared the folder
+    and before any rank writes, so all of them see the same parts)."""
+    from dd.evaluation import resume
+
+    if complete:
+        return []
+    done = resume.done_mask(out, int(cfg["num_samples"]))
+    return resume.missing_ranges(done, int(cfg["batch_size"]))
 
 
 def _report(cfg: dict[str, Any], spec: Any, sampler: EvalSampler, plan: MetricPlan, sums: dict[str, Any],
@@ -217,31 +294,52 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         torch.set_float32_matmul_precision(previous)
 
 
+def _collect_samples(cfg: dict[str, Any], out: Path, state: dict[str, Any]) -> Any:
+    """Every sample of the run (rank 0): from ``samples.npz`` when an earlier session finished, else assembled from
+    the part files into a new ``samples.npz``; the state is marked complete with the per-batch records."""
+    from dd.evaluation import outputs, resume
+
+    num_samples, seed_base = int(cfg["num_samples"]), int(cfg["seed_base"])
+    if resume.samples_complete(out, state):
+        images, labels = outputs.open_samples_npz(out / outputs.SAMPLES_FILE)
+        seeds = np.arange(seed_base, seed_base + num_samples, dtype=np.int64)
+        return outputs.AssembledSamples(images, labels.astype(np.int64), seeds, list(state["batches"]))
+    assembled = outputs.assemble_parts(out, num_samples)
+    outputs.write_samples_npz(out / outputs.SAMPLES_FILE, assembled.images, assembled.labels)
+    state.update(complete=True, batches=resume.batch_records(assembled.batches))
+    resume.write_state(out, state)
+    return assembled
+
+
 def _evaluate(cfg: dict[str, Any], spec: Any, sampler: EvalSampler, plan: MetricPlan) -> dict[str, Any]:
-    from dd.evaluation import outputs
+    from dd.evaluation import outputs, resume
     from dd.evaluation.quality import compute_quality
     from dd.evaluation.report import check_model_evals
 
     out = Path(cfg["output_dir"])
-    if is_rank_zero():
-        outputs.clear_outputs(out)
-        save_resolved_config(out, cfg)
+    state = _open_state(cfg, out, resume_settings(cfg, sampler)) if is_rank_zero() else None
     models = build_models(cfg, spec, sampler)
     sums = checksums(cfg, spec, models, sampler)
+    if state is not None:
+        _check_weights(out, state, sums)
+        save_resolved_config(out, cfg)  # after the checks: a refused run leaves the folder's config as it was
+    ranges = _pending_ranges(cfg, out, resume.samples_complete(out, state or resume.read_state(out)))
     start = time.perf_counter()
-    trainer = _sample(cfg, models, sampler, out)
+    trainer = _sample(cfg, models, sampler, out, ranges)
     wall_s = time.perf_counter() - start
     if not trainer.is_global_zero:
         return {}
     num_timesteps, _, num_classes = sequence_layout(spec)
-    assembled = outputs.assemble_parts(out, int(cfg["num_samples"]))
+    assembled = _collect_samples(cfg, out, state)
     steps = check_model_evals(assembled.batches, sampler.steps(num_timesteps))
-    outputs.write_samples_npz(out / outputs.SAMPLES_FILE, assembled.images, assembled.labels)
+    if cfg.get("write_images", True):
+        outputs.write_missing_pngs(out, assembled.images)  # kept samples of a session run without images
     grid = cfg.get("grid", {})
     outputs.make_grid(assembled.images, assembled.labels, num_classes, _class_names(plan, num_classes),
                       int(grid.get("max_rows", 10)), int(grid.get("per_row", 10))).save(out / outputs.GRID_FILE)
     quality = compute_quality(assembled.images, assembled.labels, plan, trainer.strategy.root_device)
     payload = _report(cfg, spec, sampler, plan, sums, assembled, steps, quality, wall_s)
+    payload["resume"] = {"sessions": state["sessions"], "sampled_this_session": sum(count for _, count in ranges)}
     outputs.write_json(out / outputs.METRICS_FILE, payload)
     del assembled
     outputs.remove_intermediates(out)

@@ -4,16 +4,19 @@
 * ``samples.npz``: ``arr_0`` uint8 (N, H, W, 3) and ``labels`` int64 (N,), the layout the ADM evaluator reads;
 * ``grid.png``: a labelled sample grid (see :func:`make_grid` for the layout);
 * ``metrics.json``: settings, counts, seeds, checksums, #Step, timings and quality metrics;
-* ``config.json``: the resolved config.
+* ``config.json``: the resolved config;
+* ``eval_state.json``: what a re-run must match to keep the samples (:mod:`dd.evaluation.resume`).
 
-Workers write one ``parts/part_<first>.pt`` per batch (uint8 images, labels, seeds, timings); rank 0 assembles
-them with :func:`assemble_parts`, which refuses duplicated or missing samples.
+Workers write one ``parts/part_<first>_<count>.pt`` per batch (uint8 images, labels, seeds, timings), atomically, so
+a part on disk is a finished batch; rank 0 assembles them with :func:`assemble_parts`, which refuses duplicated or
+missing samples. Equal samples give a byte-identical ``samples.npz``.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import struct
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,7 +34,8 @@ PARTS_DIR = "parts"
 SAMPLES_FILE = "samples.npz"
 GRID_FILE = "grid.png"
 METRICS_FILE = "metrics.json"
-_OUTPUT_NAMES = (IMAGES_DIR, PARTS_DIR, SAMPLES_FILE, GRID_FILE, METRICS_FILE, "samples_tmp.npy")
+STATE_FILE = "eval_state.json"
+_OUTPUT_NAMES = (IMAGES_DIR, PARTS_DIR, SAMPLES_FILE, GRID_FILE, METRICS_FILE, STATE_FILE, "samples_tmp.npy")
 
 
 def image_path(directory: Path, index: int) -> Path:
@@ -48,16 +52,31 @@ def clear_outputs(directory: Path) -> None:
             path.unlink()
 
 
+def part_path(directory: Path, first: int, count: int) -> Path:
+    """The part file of samples ``first .. first + count - 1``: the name alone says which samples are done."""
+    return Path(directory) / PARTS_DIR / f"part_{first:07d}_{count:06d}.pt"
+
+
+def part_ranges(directory: Path) -> list[tuple[int, int]]:
+    """(first, count) of every finished part file, in sample order (unfinished ``.tmp`` writes are not parts)."""
+    ranges = []
+    for path in (Path(directory) / PARTS_DIR).glob("part_*_*.pt"):
+        first, count = path.stem.split("_")[1:]
+        ranges.append((int(first), int(count)))
+    return sorted(ranges)
+
+
 def write_batch(directory: Path, batch: EvalBatch, write_pngs: bool, rank: int = 0) -> Path:
-    """PNG per sample (optional) plus the batch's part file; returns the part path."""
+    """PNG per sample (optional) plus the batch's part file; returns the part path.
+
+    The part is written last and atomically: once it exists, the batch and its PNGs are complete."""
     directory = Path(directory)
     if write_pngs:
         (directory / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
         for index, image in zip(batch.indices.tolist(), batch.images.numpy()):
             Image.fromarray(image).save(image_path(directory, index))
-    parts = directory / PARTS_DIR
-    parts.mkdir(parents=True, exist_ok=True)
-    path = parts / f"part_{int(batch.indices[0]):07d}.pt"
+    path = part_path(directory, int(batch.indices[0]), len(batch.indices))
+    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"indices": batch.indices, "seeds": batch.seeds, "labels": batch.labels, "images": batch.images,
                "model_evals": batch.model_evals, "sampling_s": batch.sampling_s, "decode_s": batch.decode_s,
                "rank": rank}
@@ -81,9 +100,10 @@ class AssembledSamples:
 def assemble_parts(directory: Path, num_samples: int, delete_parts: bool = True) -> AssembledSamples:
     """Gather every part file into one memory-mapped array; every index 0..num_samples-1 exactly once.
 
-    Each part is deleted once copied (``delete_parts``); a failed check leaves the run to be repeated anyway."""
+    Each part is deleted once copied (``delete_parts``): a run killed while assembling samples those parts again
+    when resumed (the rest is kept), and a failed check leaves the run to be repeated anyway."""
     directory = Path(directory)
-    files = sorted((directory / PARTS_DIR).glob("part_*.pt"))
+    files = [part_path(directory, first, count) for first, count in part_ranges(directory)]
     if not files:
         raise RuntimeError(f"no sample parts found in {directory / PARTS_DIR}")
     seen = np.zeros(num_samples, dtype=bool)
@@ -117,7 +137,10 @@ def remove_intermediates(directory: Path) -> None:
 
 
 def write_samples_npz(path: Path, images: np.ndarray, labels: np.ndarray) -> Path:
-    """``arr_0`` uint8 (N, H, W, 3) + ``labels`` int64 (N,), uncompressed (``np.savez`` streams a memory map)."""
+    """``arr_0`` uint8 (N, H, W, 3) + ``labels`` int64 (N,), uncompressed (``np.savez`` streams a memory map).
+
+    Byte-reproducible: ``np.savez`` stamps its zip entries with the zip epoch, not the current time, so equal samples
+    give equal files (what a resumed evaluation is checked against)."""
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"expected uint8 (N, H, W, 3) images, got {images.dtype} {images.shape}")
     tmp = Path(path).with_suffix(".tmp.npz")
@@ -129,6 +152,50 @@ def write_samples_npz(path: Path, images: np.ndarray, labels: np.ndarray) -> Pat
 def read_samples_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     with np.load(path, allow_pickle=False) as archive:
         return archive["arr_0"], archive["labels"]
+
+
+def _stored_member_offset(path: Path, name: str) -> int | None:
+    """Byte offset of an uncompressed zip member's data in the file (None when it is compressed)."""
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(name)
+    if info.compress_type != zipfile.ZIP_STORED:
+        return None
+    with open(path, "rb") as handle:
+        handle.seek(info.header_offset)
+        header = handle.read(30)  # local file header: fixed 30 bytes, then the name and the extra field
+    name_length, extra_length = struct.unpack("<HH", header[26:30])
+    return info.header_offset + 30 + name_length + extra_length
+
+
+def open_samples_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(images, labels) of a ``samples.npz``, the images as a read-only memory map when the file is uncompressed
+    (as dd writes it), so a finished 50k-sample run can be re-scored without loading 10 GB."""
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    offset = _stored_member_offset(path, "arr_0.npy")
+    if offset is None:
+        return read_samples_npz(path)
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        version = np.lib.format.read_magic(handle)
+        if version not in readers:
+            return read_samples_npz(path)
+        shape, fortran_order, dtype = readers[version](handle)
+        data_offset = handle.tell()
+    images = np.memmap(path, dtype=dtype, mode="r", offset=data_offset, shape=shape, order="F" if fortran_order else "C")
+    with np.load(path, allow_pickle=False) as archive:
+        return images, archive["labels"]
+
+
+def write_missing_pngs(directory: Path, images: np.ndarray) -> int:
+    """The PNG of every sample that has none yet (samples kept from a run with ``write_images=false``)."""
+    (Path(directory) / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+    written = 0
+    for index in range(len(images)):
+        path = image_path(directory, index)
+        if not path.is_file():
+            Image.fromarray(np.asarray(images[index])).save(path)
+            written += 1
+    return written
 
 
 def _font() -> ImageFont.ImageFont:
