@@ -366,13 +366,8 @@ def test_inductor_compiled_flow_map_gives_the_eager_tokens(inductor: None) -> No
     torch.testing.assert_close(fast.endpoint, eager.endpoint, atol=1e-4, rtol=1e-4)
 
 
-# -- CUDA (scripts/device_check.sh) -----------------------------------------------------------------------------------
-@pytest.mark.gpu
-@needs_cuda
-@pytest.mark.parametrize("fast_path", ["cuda_graph", "compile"])
-@pytest.mark.parametrize("preset", PRESETS)
-def test_gpu_fast_paths_give_the_eager_tokens(preset: str, fast_path: str, inductor: None) -> None:
-    """Real CUDA graphs / reduce-overhead compiles of the teacher decode step and the student trunk."""
+# -- CUDA (scripts/device_check.sh): CUDA graphs first, the slower reduce-overhead compiles last ------------------------
+def _gpu_samplers_match_eager(preset: str, fast_path: str) -> None:
     spec, family, student = build(preset, "cuda")
     models = EvalModels(family, student)
     labels, noise, uniforms = inputs(family, 3, "cuda")
@@ -384,17 +379,28 @@ def test_gpu_fast_paths_give_the_eager_tokens(preset: str, fast_path: str, induc
     assert_same_tokens(sample_all(models, spec, labels[:1], noise[:1], uniforms[:1]), small, atol=1e-4)
 
 
-@pytest.mark.gpu
-@needs_cuda
-@pytest.mark.parametrize("fast_path", ["cuda_graph", "compile"])
-def test_gpu_flow_map_fast_paths_give_the_eager_tokens(fast_path: str, inductor: None) -> None:
-    config = FlowMapConfig(num_steps=100)
+def _gpu_flow_map_matches_eager(fast_path: str, num_steps: int) -> None:
+    config = FlowMapConfig(num_steps=num_steps)
     for rows in ((4,), (2, 16), (2, 16), (3, 9)):
         noise, log_probs, codebook = (t.cuda() for t in _flow_case(rows, 4096, 32, seed=rows[-1]))
         eager = map_noise_to_tokens(noise, log_probs, codebook, config)
         fast = map_noise_to_tokens(noise, log_probs, codebook, dataclasses.replace(config, fast_path=fast_path))
         assert torch.equal(fast.indices, eager.indices)
         torch.testing.assert_close(fast.endpoint, eager.endpoint, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("preset", PRESETS)
+def test_gpu_cuda_graph_teacher_and_student_give_the_eager_tokens(preset: str) -> None:
+    """Real CUDA graphs of the teacher decode step and the student trunk: every sampler, reuse, another batch."""
+    _gpu_samplers_match_eager(preset, "cuda_graph")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_cuda_graph_flow_map_gives_the_eager_tokens() -> None:
+    _gpu_flow_map_matches_eager("cuda_graph", 100)
 
 
 @pytest.mark.gpu
@@ -428,6 +434,20 @@ def test_gpu_bf16_runs_on_the_fast_paths(preset: str, capsys) -> None:
         print(f"\n{preset} CUDA bf16 (cuda_graph) vs fp32 token agreement: "
               + ", ".join(f"{k} {v:.3f}" for k, v in agreement.items()))
     assert all(torch.isfinite(bf16[name + "/sequence"]).all() for name in samplers(spec))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("preset", PRESETS)
+def test_gpu_reduce_overhead_compile_gives_the_eager_tokens(preset: str, inductor: None) -> None:
+    """torch.compile(mode="reduce-overhead"): Inductor kernels replayed from CUDA-graph trees."""
+    _gpu_samplers_match_eager(preset, "compile")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_compiled_flow_map_gives_the_eager_tokens(inductor: None) -> None:
+    _gpu_flow_map_matches_eager("compile", 16)  # the unrolled 100-step loop takes minutes to compile
 
 
 # -- configuration: eval.yaml / generate_pairs.yaml ------------------------------------------------------------------
