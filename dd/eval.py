@@ -57,6 +57,9 @@ def _check_counts(cfg: dict[str, Any]) -> None:
             raise ConfigError(f"{key}={cfg.get(key)!r}: choose null, float32, bfloat16 or float16")
     if cfg.get("resume", "auto") not in RESUME_MODES:
         raise ConfigError(f"resume={cfg.get('resume')!r}: choose {' or '.join(RESUME_MODES)}")
+    logger = cfg.get("logger", {}).get("name", "none")
+    if logger not in ("csv", "wandb", "none"):
+        raise ConfigError(f"logger={logger!r}: choose none, csv or wandb")
     fast_path_from_config(cfg.get("fast_path", "eager"), cfg["trainer"])
 
 
@@ -343,7 +346,23 @@ def _evaluate(cfg: dict[str, Any], spec: Any, sampler: EvalSampler, plan: Metric
     outputs.write_json(out / outputs.METRICS_FILE, payload)
     del assembled
     outputs.remove_intermediates(out)
+    _log_to_logger(cfg, out, payload)
     return payload
+
+
+def _log_to_logger(cfg: dict[str, Any], out: Path, payload: dict[str, Any]) -> None:
+    """``logger=wandb`` (or csv): the metrics.json numbers and grid.png, next to the files (rank 0)."""
+    from PIL import Image
+
+    from dd.evaluation.outputs import GRID_FILE
+    from dd.tasks.loggers import log_eval_results, make_logger
+
+    try:
+        logger = make_logger(cfg.get("logger", {"name": "none"}), out, cfg["run_name"], job_type="eval")
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    if logger is not None:
+        log_eval_results(logger, payload, np.asarray(Image.open(out / GRID_FILE).convert("RGB")))
 
 
 def _log_summary(payload: dict[str, Any]) -> None:

@@ -66,17 +66,20 @@ def _perceptual(cfg: dict[str, Any], family: Any):
 
 
 def _logger(cfg: dict[str, Any], out: Path):
-    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+    from dd.tasks.loggers import make_logger
 
-    kind = cfg["logger"]["name"]
-    if kind == "csv":
-        return CSVLogger(str(out), name="logs", version="")
-    if kind == "wandb":
-        return WandbLogger(project=cfg["logger"]["project"], save_dir=str(out), name=cfg["run_name"],
-                           offline=cfg["logger"].get("offline", False))
-    if kind == "none":
-        return False
-    raise ConfigError(f"logger={kind!r}: expected csv, wandb or none")
+    try:
+        return make_logger(cfg["logger"], out, cfg["run_name"], job_type="train") or False
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+
+
+def _sample_grids(cfg: dict[str, Any], family: Any, val: Any):
+    """Student sample grids at validation for loggers that show images (wandb); idle with csv / none."""
+    from dd.tasks.sample_grids import StudentSampleGrids
+
+    return StudentSampleGrids(family, val, cfg["schedule"]["t_list"], cfg["schedule"]["split_t"],
+                              num_images=int(cfg.get("sample_grid_images", 8)))
 
 
 def _resume_path(cfg: dict[str, Any], ckpt_dir: Path) -> str | None:
@@ -97,6 +100,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     from dd.distill.ema import export_student
     from dd.pairs import state_dict_sha256
     from dd.tasks.distillation import DistillationTask, OptimConfig
+    from dd.tasks.loggers import close_logger
     from dd.tasks.progress import training_progress_callbacks
 
     spec = instantiate(cfg["model"], _convert_="all")
@@ -117,13 +121,15 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
                                  save_top_k=0)
     progress = training_progress_callbacks(cfg["trainer"])  # summary lines instead of a bar when not on a terminal
     trainer = L.Trainer(**cfg["trainer"], use_distributed_sampler=False, max_steps=int(cfg["max_steps"]), logger=_logger(cfg, out),
-                        callbacks=[checkpoint, *progress], val_check_interval=int(cfg["val_every_steps"]),
+                        callbacks=[checkpoint, *progress, _sample_grids(cfg, family, val)],
+                        val_check_interval=int(cfg["val_every_steps"]),
                         check_val_every_n_epoch=None,
                         log_every_n_steps=int(cfg["log_every"]), default_root_dir=str(out),
                         gradient_clip_val=float(cfg["grad_clip"]),
                         accumulate_grad_batches=int(cfg["accumulate_grad_batches"]),
                         limit_val_batches=cfg["limit_val_batches"], num_sanity_val_steps=0)
     trainer.fit(task, ckpt_path=_resume_path(cfg, ckpt_dir))
+    close_logger(trainer.logger)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     summary: dict[str, Any] = {"global_step": trainer.global_step, "metrics": metrics}
     if trainer.is_global_zero:
