@@ -25,7 +25,8 @@ def _validate(cfg: dict[str, Any], spec: Any) -> None:
     try:
         validate_t_list(cfg["schedule"]["t_list"], spec.num_timesteps)
         validate_split(cfg["schedule"]["split_t"], spec.num_timesteps)
-        LossConfig(**{k: v for k, v in cfg["loss"].items() if k != "perceptual"}, split_t=cfg["schedule"]["split_t"])
+        LossConfig(**{k: v for k, v in cfg["loss"].items() if k != "perceptual"}, split_t=cfg["schedule"]["split_t"]
+                   ).check_t_list(cfg["schedule"]["t_list"])
     except ValueError as err:
         raise ConfigError(f"model={spec.name} (timesteps in {spec.timestep_unit}, 0..{spec.num_timesteps}): {err}"
                           ) from err
@@ -99,6 +100,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
 
     from dd.distill.ema import export_student
     from dd.pairs import state_dict_sha256
+    from dd.tasks.curves import TrainingCurves
     from dd.tasks.distillation import DistillationTask, OptimConfig
     from dd.tasks.loggers import close_logger
     from dd.tasks.progress import training_progress_callbacks
@@ -121,7 +123,8 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
                                  save_top_k=0)
     progress = training_progress_callbacks(cfg["trainer"])  # summary lines instead of a bar when not on a terminal
     trainer = L.Trainer(**cfg["trainer"], use_distributed_sampler=False, max_steps=int(cfg["max_steps"]), logger=_logger(cfg, out),
-                        callbacks=[checkpoint, *progress, _sample_grids(cfg, family, val)],
+                        callbacks=[checkpoint, *progress, _sample_grids(cfg, family, val),
+                                   TrainingCurves(out, title=str(cfg["run_name"]))],  # <out>/logs/curves.png
                         val_check_interval=int(cfg["val_every_steps"]),
                         check_val_every_n_epoch=None,
                         log_every_n_steps=int(cfg["log_every"]), default_root_dir=str(out),

@@ -30,12 +30,22 @@ class LossConfig:
     mse_weight: float = 1.0
     perceptual_weight: float = 0.0
     split_t: int = 0
+    t_probs: tuple[float, ...] | None = None  # relative probability of each t in t_list (None: uniform)
 
     def __post_init__(self) -> None:
         if min(self.ce_weight, self.mse_weight, self.perceptual_weight) < 0:
             raise ValueError("loss weights must be >= 0")
         if self.ce_weight + self.mse_weight + self.perceptual_weight == 0:
             raise ValueError("at least one loss weight must be > 0")
+        if self.t_probs is not None:
+            object.__setattr__(self, "t_probs", tuple(float(p) for p in self.t_probs))
+            if min(self.t_probs, default=-1.0) < 0 or sum(self.t_probs) <= 0:
+                raise ValueError(f"loss.t_probs={list(self.t_probs)}: weights must be >= 0 with a positive sum")
+
+    def check_t_list(self, t_list: Sequence[int]) -> None:
+        """``t_probs`` needs one weight per timestep of ``t_list``."""
+        if self.t_probs is not None and len(self.t_probs) != len(t_list):
+            raise ValueError(f"loss.t_probs={list(self.t_probs)} needs one weight per t in t_list={list(t_list)}")
 
 
 @dataclass(frozen=True)
@@ -51,7 +61,9 @@ class LossTerms:
 
 def sample_timesteps(t_list: Sequence[int], batch: int, generator: torch.Generator | None = None,
                      probs: Sequence[float] | None = None) -> torch.Tensor:
-    """(batch,) int64 timesteps drawn from ``t_list`` (uniformly unless ``probs`` is given)."""
+    """(batch,) int64 timesteps drawn from ``t_list`` (uniformly unless ``probs``, relative weights, is given)."""
+    if probs is not None and len(probs) != len(t_list):
+        raise ValueError(f"probs={list(probs)} needs one weight per t in t_list={list(t_list)}")
     weights = torch.tensor(probs if probs is not None else [1.0] * len(t_list), dtype=torch.float)
     choice = torch.multinomial(weights, batch, replacement=True, generator=generator)
     return torch.tensor(list(t_list), dtype=torch.long)[choice]
