@@ -23,8 +23,9 @@ def _options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
 
 
-def _roots() -> list[str]:
-    return sorted(p.stem for p in CONFIGS.glob("*.yaml"))
+def _roots(group: str = "model") -> list[str]:
+    """The root configs whose defaults choose from ``group`` (push.yaml, which only uploads files, has none)."""
+    return sorted(p.stem for p in CONFIGS.glob("*.yaml") if f"  - {group}:" in p.read_text())
 
 
 @pytest.mark.parametrize("root", _roots())
@@ -43,10 +44,8 @@ def test_every_model_preset_composes_and_builds_on_meta(root: str, model: str) -
 
 @pytest.mark.parametrize("group", ["hardware", "logger", "schedule"])
 def test_every_option_of_the_shared_groups_composes(group: str) -> None:
-    roots = [r for r in _roots() if group != "schedule" or r == "train"]
+    roots = [r for r in _roots(group) if group != "schedule" or r == "train"]
     for root in roots:
-        if group == "logger" and root != "train":
-            continue
         for option in _options(group):
             cfg = compose_cfg(root, [f"{group}={option}"])
             if group == "hardware":

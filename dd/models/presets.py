@@ -103,13 +103,19 @@ def with_local_weights(spec: Any, kinds: Iterable[str]) -> Any:
 def spec_from_yaml(path: str | Path) -> Any:
     """A preset spec from a ``configs/model/*.yaml`` file without Hydra: its ``_target_`` (a family's
     ``make_spec``) is imported and called with the remaining entries (scripts and notebooks)."""
-    import importlib
-
     import yaml
 
-    cfg = yaml.safe_load(Path(path).read_text())
-    module, _, name = str(cfg.pop("_target_")).rpartition(".")
-    return getattr(importlib.import_module(module), name)(**cfg)
+    return spec_from_config(yaml.safe_load(Path(path).read_text()))
+
+
+def spec_from_config(cfg: dict[str, Any]) -> Any:
+    """A preset spec from a plain model config (a preset YAML's content, or the ``model`` entry a run or an export
+    stored), without Hydra."""
+    import importlib
+
+    entries = dict(cfg)
+    module, _, name = str(entries.pop("_target_")).rpartition(".")
+    return getattr(importlib.import_module(module), name)(**entries)
 
 
 def load_component(model: torch.nn.Module, component: ComponentSpec, kind: str, preset: str,
