@@ -355,14 +355,20 @@ def _log_to_logger(cfg: dict[str, Any], out: Path, payload: dict[str, Any]) -> N
     from PIL import Image
 
     from dd.evaluation.outputs import GRID_FILE
-    from dd.tasks.loggers import log_eval_results, make_logger
+    from dd.tasks.loggers import log_eval_results, logging_errors, make_logger
 
     try:
         logger = make_logger(cfg.get("logger", {"name": "none"}), out, cfg["run_name"], job_type="eval")
     except ValueError as err:
         raise ConfigError(str(err)) from err
-    if logger is not None:
+    if logger is None:
+        return
+    try:
         log_eval_results(logger, payload, np.asarray(Image.open(out / GRID_FILE).convert("RGB")))
+    except logging_errors() as err:  # the results are on disk: a logger that cannot start costs a warning only
+        reason = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        log.warning("results not logged to %s (%s): run `wandb login` or set WANDB_MODE=offline and re-run the "
+                    "command (it re-scores %s without sampling)", cfg["logger"]["name"], reason, out)
 
 
 def _log_summary(payload: dict[str, Any]) -> None:

@@ -165,3 +165,22 @@ def test_unknown_eval_logger_fails_before_loading(tmp_path: Path) -> None:
     with pytest.raises(dd_eval.ConfigError, match="logger='tensorboard'"):
         dd_eval.run(cfg)
     assert not (tmp_path / "out").exists()
+
+
+def test_eval_keeps_its_results_when_wandb_cannot_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """No login (or no network) for online wandb: the results are on disk already, so the run warns and succeeds."""
+    import wandb.errors
+
+    import dd.tasks.loggers as loggers
+
+    def no_login(*args: Any, **kwargs: Any) -> None:
+        raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")
+
+    monkeypatch.setattr(loggers, "log_eval_results", no_login)
+    out = tmp_path / "eval"
+    payload = dd_eval.run(_cfg("eval", ["model=gpt_test", f"student.checkpoint={_student(tmp_path)}",
+                                        f"output_dir={out}", "num_samples=4", "batch_size=4", "logger=wandb",
+                                        "metrics.enabled=false"]))
+    assert payload["num_samples"] == 4 and (out / "metrics.json").is_file()
+    assert "results not logged to wandb (No API key configured" in caplog.text and "WANDB_MODE=offline" in caplog.text

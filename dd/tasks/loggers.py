@@ -63,6 +63,15 @@ def log_eval_results(logger: Logger, payload: Mapping[str, Any], grid: np.ndarra
     close_logger(logger)
 
 
+def logging_errors() -> tuple[type[BaseException], ...]:
+    """What a logger raises when its service cannot be used (wandb: no login, no network, bad project)."""
+    try:
+        from wandb.errors import Error as WandbError
+    except ImportError:
+        return ()
+    return (WandbError,)
+
+
 def close_logger(logger: Logger | None) -> None:
     """Flush a logger and end its wandb run: Lightning leaves the run open, and the next logger created in the same
     process (an evaluation after training, as in ``scripts/demo.py``) would otherwise log into it."""
