@@ -327,6 +327,8 @@ def _evaluate(cfg: dict[str, Any], spec: Any, sampler: EvalSampler, plan: Metric
         _check_weights(out, state, sums)
         save_resolved_config(out, cfg)  # after the checks: a refused run leaves the folder's config as it was
     ranges = _pending_ranges(cfg, out, resume.samples_complete(out, state or resume.read_state(out)))
+    if state is not None:
+        outputs.remove_images(out, ranges)
     start = time.perf_counter()
     trainer = _sample(cfg, models, sampler, out, ranges)
     wall_s = time.perf_counter() - start

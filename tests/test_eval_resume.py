@@ -197,9 +197,12 @@ def test_resume_with_another_batch_size_covers_every_sample(preset: str, student
         _interrupt_after(patch, 1)
         with pytest.raises(_Killed):
             dd_eval.run(_cfg(_overrides(out, student_ckpt, NO_METRICS)))
+    (out / "images" / "000009.png").write_bytes(b"\x89PNG half-written by a killed batch")
     sampled.clear()
-    dd_eval.run(_cfg(_overrides(out, student_ckpt, NO_METRICS, batch_size=4)))
+    dd_eval.run(_cfg(_overrides(out, student_ckpt, NO_METRICS, "write_images=false", batch_size=4)))
     assert sampled == [(3, 1), (4, 4), (8, 2)]
+    # the first session's finished PNGs stay; nothing is left of the batches sampled again without images
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["000000.png", "000001.png", "000002.png"]
     (images, labels), (ref_images, ref_labels) = (outputs.read_samples_npz(d / outputs.SAMPLES_FILE)
                                                   for d in (out, tmp_path / "whole"))
     assert np.array_equal(labels, ref_labels)

@@ -186,6 +186,14 @@ def open_samples_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
         return images, archive["labels"]
 
 
+def remove_images(directory: Path, ranges: Sequence[tuple[int, int]]) -> None:
+    """Delete the PNGs of the (first, count) ranges about to be sampled again: a killed batch may have left some,
+    possibly half-written, and a session without images would not overwrite them."""
+    for first, count in ranges:
+        for index in range(first, first + count):
+            image_path(directory, index).unlink(missing_ok=True)
+
+
 def write_missing_pngs(directory: Path, images: np.ndarray) -> int:
     """The PNG of every sample that has none yet (samples kept from a run with ``write_images=false``)."""
     (Path(directory) / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
