@@ -15,10 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dd.models.codebook import nearest_code_indices
+from dd.models.conv_blocks import Downsample, Upsample, group_norm
 
 
-def _group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
 
 
 def _swish(x: torch.Tensor) -> torch.Tensor:
@@ -30,9 +29,9 @@ class ResnetBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0) -> None:
         super().__init__()
-        self.norm1 = _group_norm(in_channels)
+        self.norm1 = group_norm(in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = _group_norm(out_channels)
+        self.norm2 = group_norm(out_channels)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
@@ -50,7 +49,7 @@ class AttnBlock(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.norm = _group_norm(channels)
+        self.norm = group_norm(channels)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
@@ -65,28 +64,6 @@ class AttnBlock(nn.Module):
         weights = torch.softmax(torch.bmm(q, k) * (c**-0.5), dim=2)  # (B, HW_q, HW_k)
         out = torch.bmm(v, weights.transpose(1, 2)).reshape(b, c, h, w)
         return x + self.proj_out(out)
-
-
-class Downsample(nn.Module):
-    """Pad right/bottom by one, then a stride-2 3x3 convolution without padding."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    """Nearest-neighbour x2 followed by a 3x3 convolution."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class _Level(nn.Module):
@@ -128,7 +105,7 @@ class Encoder(nn.Module):
             self.conv_blocks.append(level)
         width = ch * ch_mult[-1]
         self.mid = _mid_block(width, dropout)
-        self.norm_out = _group_norm(width)
+        self.norm_out = group_norm(width)
         self.conv_out = nn.Conv2d(width, z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -160,7 +137,7 @@ class Decoder(nn.Module):
                 level.upsample = Upsample(ch * mult)
             self.conv_blocks.append(level)
             in_ch = ch * mult
-        self.norm_out = _group_norm(in_ch)
+        self.norm_out = group_norm(in_ch)
         self.conv_out = nn.Conv2d(in_ch, out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

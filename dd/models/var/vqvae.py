@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dd.models.conv_blocks import Downsample, Upsample, group_norm
 from dd.models.var.quant import MultiScaleQuantizer
 
 #: the released tokenizer ``vae_ch160v4096z32.pth``
@@ -27,18 +28,14 @@ RELEASE_CONFIG: dict[str, Any] = dict(vocab_size=4096, z_channels=32, ch=160, ch
                                       num_res_blocks=2, v_patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16))
 
 
-def _group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
-
-
 class ResnetBlock(nn.Module):
     """GroupNorm-SiLU-conv3x3 twice plus a shortcut (1x1 ``nin_shortcut`` when the width changes)."""
 
     def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0) -> None:
         super().__init__()
-        self.norm1 = _group_norm(in_channels)
+        self.norm1 = group_norm(in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = _group_norm(out_channels)
+        self.norm2 = group_norm(out_channels)
         self.dropout = nn.Dropout(dropout) if dropout > 1e-6 else nn.Identity()
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
@@ -55,7 +52,7 @@ class AttnBlock(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.C = channels
-        self.norm = _group_norm(channels)
+        self.norm = group_norm(channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.w_ratio = channels**-0.5
         self.proj_out = nn.Conv2d(channels, channels, 1)
@@ -71,28 +68,6 @@ class AttnBlock(nn.Module):
 def _attn(channels: int, enabled: bool) -> nn.Module:
     # upstream uses an Identity (no keys) when attention is switched off
     return AttnBlock(channels) if enabled else nn.Identity()
-
-
-class Downsample2x(nn.Module):
-    """Zero-pad right/bottom by one, then a stride-2 3x3 conv without padding."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample2x(nn.Module):
-    """Nearest-neighbour x2, then a 3x3 conv."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class _Level(nn.Module):
@@ -142,11 +117,11 @@ class Encoder(nn.Module):
             level = _Level(ch * in_mult[i], ch * mult, num_res_blocks, with_attn=(i == last and using_sa),
                            dropout=dropout)
             if i != last:
-                level.downsample = Downsample2x(ch * mult)
+                level.downsample = Downsample(ch * mult)
             self.down.append(level)
         width = ch * ch_mult[-1]
         self.mid = _Mid(width, using_mid_sa, dropout)
-        self.norm_out = _group_norm(width)
+        self.norm_out = group_norm(width)
         self.conv_out = nn.Conv2d(width, z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -180,10 +155,10 @@ class Decoder(nn.Module):
                            dropout=dropout)
             block_in = ch * ch_mult[i]
             if i != 0:
-                level.upsample = Upsample2x(block_in)
+                level.upsample = Upsample(block_in)
             levels.insert(0, level)
         self.up = nn.ModuleList(levels)
-        self.norm_out = _group_norm(block_in)
+        self.norm_out = group_norm(block_in)
         self.conv_out = nn.Conv2d(block_in, in_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
