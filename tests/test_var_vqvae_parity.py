@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from dd.checkpoint import CheckpointError, extract_state_dict, load_strict, read_checkpoint
+from dd.models.presets import spec_from_yaml
 from dd.models.var.quant import phi_index_for
-from dd.models.var.vqvae import RELEASE_CONFIG, MultiScaleVQVAE, flat_to_scales, scales_to_flat
+from dd.models.var.vqvae import MultiScaleVQVAE, flat_to_scales, scales_to_flat
 
 from conftest import load_official
 
@@ -187,8 +188,10 @@ def test_ema_vocab_hit_buffer_replaced_when_scale_count_differs(fx: dict) -> Non
 
 
 def test_release_config_on_meta(fx: dict) -> None:
+    """The released tokenizer's configuration, as the var_d16 preset (the only size table) writes it."""
+    release = spec_from_yaml(Path(__file__).resolve().parents[1] / "configs" / "model" / "var_d16.yaml")
     with torch.device("meta"):
-        model = MultiScaleVQVAE(**RELEASE_CONFIG)
+        model = MultiScaleVQVAE(**release.tokenizer.arch)
     # spec: 108.95 M parameters, plus the (10, 4096) ema_vocab_hit_SV buffer
     assert sum(p.numel() for p in model.parameters()) == 108_948_355
     assert sum(b.numel() for b in model.buffers()) == 10 * 4096

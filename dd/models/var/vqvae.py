@@ -23,11 +23,6 @@ from torch import nn
 from dd.models.conv_blocks import Downsample, Upsample, group_norm
 from dd.models.var.quant import MultiScaleQuantizer
 
-#: the released tokenizer ``vae_ch160v4096z32.pth``
-RELEASE_CONFIG: dict[str, Any] = dict(vocab_size=4096, z_channels=32, ch=160, ch_mult=(1, 1, 2, 2, 4),
-                                      num_res_blocks=2, v_patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16))
-
-
 class ResnetBlock(nn.Module):
     """GroupNorm-SiLU-conv3x3 twice plus a shortcut (1x1 ``nin_shortcut`` when the width changes)."""
 
