@@ -2,13 +2,14 @@
 
     python scripts/demo.py                       # both families (gpt_tiny, var_tiny); README: measured timings
     python scripts/demo.py --models var_tiny     # one family
-    python scripts/demo.py --pairs 30000 --steps 6000 --out outputs/demo_long    # a longer run
+    python scripts/demo.py --profile long        # more pairs and steps (README: <= 60 minutes on 2 cores)
+    python scripts/demo.py --pairs 30000 --steps 6000 --out outputs/demo_custom    # explicit sizes win over a profile
 
 Per model: pairs -> training -> evaluation of the teacher, DD 1-step, DD 2-step and teacher-involved sampling with
 the same labels and seeds. Ends with a metrics table per model (``<out>/<model>/results.md``, also printed) and one
 grid comparing the samplers (``<out>/<model>/comparison.png``: one row per sampler, the same labels in every
-column). Everything the script does goes through the entry points' ``run`` functions: nothing here depends on the
-family.
+column) and the training curves (``<out>/<model>/train/logs/curves.png``, linked from the results). Everything
+the script does goes through the entry points' ``run`` functions: nothing here depends on the family.
 """
 
 from __future__ import annotations
@@ -25,6 +26,23 @@ from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
 
+#: Sizes per profile and preset (docs/distillation_study.md; the recipe itself is configs/train.yaml's and the
+#: presets' schedules and default_lr). A VAR-tiny step costs 2.3x a GPT-tiny step (130 tokens + the extra first
+#: scale vs 64) and its held-out accuracy levels off earlier, so it gets fewer steps. default: <= 15 minutes for
+#: both on a 2-core CPU (measured with one thread: README); long: <= 60 minutes.
+PROFILES = {"default": {"gpt_tiny": {"pairs": 10000, "steps": 800, "batch": 64},
+                        "var_tiny": {"pairs": 5000, "steps": 400, "batch": 64}},
+            "long": {"gpt_tiny": {"pairs": 20000, "steps": 3000, "batch": 64},
+                     "var_tiny": {"pairs": 20000, "steps": 1200, "batch": 64}}}
+FALLBACK_SIZES = {"pairs": 10000, "steps": 800, "batch": 64}  # presets without a profile entry
+
+
+def _sizes(args: argparse.Namespace, model: str) -> argparse.Namespace:
+    """The profile's sizes for ``model``; --pairs / --steps / --batch given on the command line win."""
+    sizes = PROFILES[args.profile].get(model, FALLBACK_SIZES)
+    return argparse.Namespace(**{key: getattr(args, key) if getattr(args, key) is not None else value
+                                 for key, value in sizes.items()})
+
 
 def _cfg(name: str, overrides: list[str]) -> dict:
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
@@ -34,7 +52,8 @@ def _cfg(name: str, overrides: list[str]) -> dict:
 def _evaluate(model: str, out: Path, export: Path, name: str, samples: int, extra: list[str]) -> dict:
     from dd.eval import run as run_eval
 
-    overrides = [f"model={model}", f"num_samples={samples}", "labels=balanced", "seed_base=100000",
+    # resume=never: a re-run of the demo trains a new student, whose samples must replace the old ones
+    overrides = [f"model={model}", "resume=never", f"num_samples={samples}", "labels=balanced", "seed_base=100000",
                  f"student.checkpoint={export}", f"output_dir={out / 'eval' / name}", *extra]
     return run_eval(_cfg("eval", overrides))
 
@@ -86,13 +105,14 @@ def run_model(model: str, args: argparse.Namespace, out: Path) -> str:
     from dd.generate_pairs import run as run_pairs
     from dd.train import run as run_train
 
+    size = _sizes(args, model)
     clock = {"start": time.perf_counter()}
-    run_pairs(_cfg("generate_pairs", [f"model={model}", f"num_pairs={args.pairs}", f"output_dir={out / 'pairs'}"]))
+    run_pairs(_cfg("generate_pairs", [f"model={model}", f"num_pairs={size.pairs}", f"output_dir={out / 'pairs'}"]))
     clock["pairs"] = time.perf_counter()
     summary = run_train(_cfg("train", [f"model={model}", f"data.pairs_dir={out / 'pairs' / 'pairs'}",
-                                       f"output_dir={out / 'train'}", f"max_steps={args.steps}",
-                                       f"batch_size={args.batch}", f"val_every_steps={max(args.steps // 2, 1)}",
-                                       f"ckpt_every={max(args.steps // 2, 1)}"]))
+                                       f"output_dir={out / 'train'}", f"max_steps={size.steps}",
+                                       f"batch_size={size.batch}", f"val_every_steps={max(size.steps // 4, 1)}",
+                                       f"ckpt_every={max(size.steps // 2, 1)}", *args.train_overrides]))
     clock["train"] = time.perf_counter()
     export = Path(summary["export"])
     start = _teacher_start(model, args.teacher_start)
@@ -110,29 +130,37 @@ def run_model(model: str, args: argparse.Namespace, out: Path) -> str:
     lines = ["| sampler | #Step | FID (classifier features) | IS | precision | recall | label accuracy | ms / image |",
              "|---|---|---|---|---|---|---|---|"]
     lines += [_row(name, payload) for name, (_, payload) in results.items()]
-    timing = (f"pairs {clock['pairs'] - clock['start']:.0f} s ({args.pairs} pairs), training "
-              f"{clock['train'] - clock['pairs']:.0f} s ({args.steps} steps of {args.batch}), evaluation "
+    timing = (f"profile {args.profile}: pairs {clock['pairs'] - clock['start']:.0f} s ({size.pairs} pairs), training "
+              f"{clock['train'] - clock['pairs']:.0f} s ({size.steps} steps of {size.batch}), evaluation "
               f"{clock['eval'] - clock['train']:.0f} s ({args.samples} samples per sampler); total "
               f"{clock['eval'] - clock['start']:.0f} s")
     table = "\n".join(lines)
-    (out / "results.md").write_text(table + "\n\n" + timing + "\n")
+    curves = "training curves (loss terms, held-out token accuracy per t): ![](train/logs/curves.png)"
+    (out / "results.md").write_text(table + "\n\n" + timing + "\n\n" + curves + "\n\n![](comparison.png)\n")
     (out / "results.json").write_text(json.dumps({n: p for n, (_, p) in results.items()}, indent=2, default=str))
     grid = _comparison(out, [(name, folder) for name, (folder, _) in results.items()])
-    return f"### {model}\n\n{table}\n\n{timing}\n\ncomparison grid: {grid}\n"
+    return (f"### {model}\n\n{table}\n\n{timing}\n\ncomparison grid: {grid}\n\n"
+            f"training curves: {out / 'train' / 'logs' / 'curves.png'}\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="gpt_tiny,var_tiny", help="comma-separated presets (bundled teachers)")
-    parser.add_argument("--pairs", type=int, default=10000)
-    parser.add_argument("--steps", type=int, default=800)
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="default",
+                        help="sizes per preset (PROFILES): default (gpt_tiny 10k pairs, 800 steps of 64; var_tiny "
+                             "5k, 400) or long (gpt_tiny 20k, 3000; var_tiny 20k, 1200)")
+    parser.add_argument("--pairs", type=int, default=None, help="number of pairs (default: the profile's)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the profile's)")
+    parser.add_argument("--batch", type=int, default=None, help="batch size (default: the profile's)")
+    parser.add_argument("--train-override", dest="train_overrides", action="append", default=[],
+                        help="extra dd.train override, repeatable (e.g. --train-override optim.lr=1e-3)")
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--teacher-start", type=int, default=None,
                         help="teacher_start_t of the teacher-involved row (default: a third of t_list[1])")
-    parser.add_argument("--out", default="outputs/demo")
+    parser.add_argument("--out", default=None, help="output folder (default: outputs/demo, outputs/demo_long)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args()
+    args.out = args.out or ("outputs/demo" if args.profile == "default" else f"outputs/demo_{args.profile}")
     if args.threads:
         import torch
 
