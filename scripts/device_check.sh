@@ -50,6 +50,10 @@ if [[ -z "${PYTHON:-}" ]]; then
     PYTHON="$(command -v python3 || command -v python)"
   fi
 fi
+if ! "$PYTHON" -c "import torch" 2>/dev/null; then
+  echo "device_check.sh: $PYTHON cannot import torch; set PYTHON=/path/to/venv/bin/python (the venv of 'make test')" >&2
+  exit 2
+fi
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1
 export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$WORK/inductor_cache}"

@@ -619,7 +619,10 @@ def test_device_check_cpu_rehearsal_writes_one_report(tmp_path) -> None:
     import os
     import subprocess
 
-    env = {**os.environ, "DD_DEVICE_CHECK_CPU": "1", "OMP_NUM_THREADS": "1"}
+    import sys
+
+    # The interpreter running the tests (CI's venv lives outside the clone, so the script's .venv guess would miss it).
+    env = {**os.environ, "DD_DEVICE_CHECK_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
     env.pop("OUT", None)
     subprocess.run(["bash", str(REPO_ROOT / "scripts" / "device_check.sh"), str(tmp_path)], env=env, check=True,
                    capture_output=True, timeout=600)
