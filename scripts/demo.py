@@ -93,7 +93,7 @@ def _comparison(out: Path, runs: list[tuple[str, str]], per_row: int = 20) -> Pa
 
 
 def _teacher_start(model: str, requested: int | None) -> int:
-    """Default: a third of the second timestep (gpt_tiny: 8 of t_list [0, 24]; var_tiny: 1 of [0, 4] scales)."""
+    """Default: a third of the second timestep (gpt_tiny: 16 of t_list [0, 48]; var_tiny: 1 of [0, 4] scales)."""
     if requested is not None:
         return requested
     second = _cfg("eval", [f"model={model}"])["schedule"]["t_list"][1]

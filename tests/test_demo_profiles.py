@@ -38,7 +38,7 @@ def test_command_line_sizes_win_and_unknown_presets_fall_back() -> None:
 
 def test_tiny_presets_train_with_the_study_recipe_and_others_keep_theirs() -> None:
     gpt = compose_cfg("train", ["model=gpt_tiny"])
-    assert gpt["schedule"] == {"t_list": [0, 24], "split_t": 64} and gpt["optim"]["lr"] == 2e-3
+    assert gpt["schedule"] == {"t_list": [0, 48], "split_t": 64} and gpt["optim"]["lr"] == 2e-3
     assert compose_cfg("train", ["model=var_tiny"])["optim"]["lr"] == 2e-3
     assert compose_cfg("train", ["model=gpt_b"])["optim"]["lr"] == 3e-4
     assert compose_cfg("train", ["model=gpt_tiny", "optim.lr=1e-4"])["optim"]["lr"] == 1e-4

@@ -76,7 +76,7 @@ def student_ckpt(preset: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     family = spec.build_family()
     student = spec.build_student(family.codebook(), init="teacher", teacher=family.teacher)
     path = tmp_path_factory.mktemp(f"student_{preset}") / "student_ema.pt"
-    if preset == "gpt_test":
+    if preset.startswith("gpt"):
         torch.save({"ema": student.state_dict(), "model": student.state_dict()}, path)
     else:
         export_student(path, student.state_dict(), student.state_dict(), {"model": preset}, keys=spec.export_keys)
@@ -152,9 +152,9 @@ def no_model_loading(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["sampler=teacher_involved", "teacher_start_t=40"], "valid range 0..23"),  # gpt_tiny: t_list [0, 24]
-    (["sampler=teacher_involved", "teacher_start_t=24"], "valid range 0..23"),
-    (["sampler=teacher_involved", "teacher_start_t=-1"], "valid range 0..23"),
+    (["sampler=teacher_involved", "teacher_start_t=48"], "valid range 0..47"),  # gpt_tiny: t_list [0, 48]
+    (["sampler=teacher_involved", "teacher_start_t=-1"], "valid range 0..47"),
+    (["sampler=teacher_involved", "teacher_start_t=40", "schedule.t_list=[0,24]"], "valid range 0..23"),
     (["sampler=teacher_involved", "schedule=onestep"], "exactly two timesteps"),
     (["schedule.t_list=[0,30,20]"], "strictly increasing"),
     (["schedule.t_list=[4,30]"], "must start with 0"),
@@ -271,6 +271,19 @@ def test_smoke_run_of_each_sampler(preset: str, extra: list[str], steps: int, st
     assert ("teacher" in payload["checksums"]) == (payload["sampler"]["kind"] != "fewstep")
     if payload["sampler"]["kind"] != "teacher":
         assert len(payload["checksums"]["student"]["file_sha256"]) == 64
+
+
+@pytest.mark.parametrize("preset", ["gpt_tiny"], indirect=True)
+def test_the_typed_teacher_involved_command_runs_on_the_default_preset(preset: str, student_ckpt: Path,
+                                                                        tmp_path: Path) -> None:
+    """`python -m dd.eval sampler=teacher_involved teacher_start_t=40` as typed (no model=): the default gpt_tiny
+    schedule [0, 48] makes s=40 the paper's "pre-trained-41-49": a student step, 8 teacher steps, a student step."""
+    cfg = compose_cfg(["sampler=teacher_involved", "teacher_start_t=40", f"student.checkpoint={student_ckpt}",
+                       f"output_dir={tmp_path}", "num_samples=3", "batch_size=3", *NO_METRICS])
+    assert cfg["model"]["name"] == "gpt_tiny" and cfg["schedule"]["t_list"] == [0, 48]
+    payload = dd_eval.run(cfg)
+    assert payload["steps"] == 1 + (48 - 40) + 1 and payload["model"]["preset"] == "gpt_tiny"
+    assert np.load(tmp_path / "samples.npz")["arr_0"].shape == (3, 32, 32, 3)
 
 
 @GPT_ONLY

@@ -24,6 +24,9 @@ VAL_EVERY = 10
 
 # About 5 minutes on 2 cores (pairs plus 500 real training steps): in `python -m pytest -m slow`, which CI runs too.
 pytestmark = pytest.mark.slow
+#: the second step at token 24 re-predicts 40 of 64 tokens (the preset's default [0, 48] re-predicts 16: a smaller,
+#: noisier difference for a 500-step run); the setting these tests were measured with
+T_LIST = (0, 24)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +38,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     summary = run_train(compose_cfg("train", [
         "model=gpt_tiny", f"data.pairs_dir={pairs}", f"output_dir={root / 'train'}", "max_steps=500",
         "batch_size=64", f"data.val_every={VAL_EVERY}", "val_every_steps=250", "ckpt_every=500", "logger=csv",
-        "optim.lr=1e-3", "optim.warmup_steps=50", "ema_decay=0.99"]))
+        "optim.lr=1e-3", "optim.warmup_steps=50", "ema_decay=0.99", f"schedule.t_list={list(T_LIST)}"]))
     return {"pairs": pairs, "summary": summary, "root": root}
 
 
@@ -66,7 +69,7 @@ def test_training_beats_the_marginal_baseline_and_two_steps_beat_one(trained: di
         return (student.nearest_indices(result.sequence) == held_ids).float().mean().item()
 
     trained_acc, untrained_acc = acc_t0(student), acc_t0(untrained)
-    one, two = sample_acc([0]), sample_acc(list(spec.default_t_list))
+    one, two = sample_acc([0]), sample_acc(list(T_LIST))
     print(f"baseline {baseline:.3f} untrained {untrained_acc:.3f} trained t=0 {trained_acc:.3f} "
           f"1-step {one:.3f} 2-step {two:.3f}")
     # measured with this setting (2560 pairs, 500 steps of 64, 1 thread, 2026-11-22): marginal baseline 0.049,
