@@ -104,6 +104,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     from dd.tasks.distillation import DistillationTask, OptimConfig
     from dd.tasks.loggers import close_logger
     from dd.tasks.progress import training_progress_callbacks
+    from dd.tasks.snapshots import StudentSnapshots
 
     spec = instantiate(cfg["model"], _convert_="all")
     _validate(cfg, spec)
@@ -122,8 +123,16 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     checkpoint = ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, every_n_train_steps=int(cfg["ckpt_every"]),
                                  save_top_k=0)
     progress = training_progress_callbacks(cfg["trainer"])  # summary lines instead of a bar when not on a terminal
+    teacher_sha = state_dict_sha256(family.teacher)
+
+    def export(path: Path, task: Any, extra: dict[str, Any]) -> Path:
+        return export_student(path, task.ema.shadow.state_dict(), task.student.state_dict(),
+                              {"model": cfg["model"], "schedule": cfg["schedule"], "teacher_sha256": teacher_sha,
+                               **extra}, keys=spec.export_keys)
+
+    snapshots = StudentSnapshots(out / "export", int(cfg.get("snapshot_every", 0)), export)
     trainer = L.Trainer(**cfg["trainer"], use_distributed_sampler=False, max_steps=int(cfg["max_steps"]), logger=_logger(cfg, out),
-                        callbacks=[checkpoint, *progress, _sample_grids(cfg, family, val),
+                        callbacks=[checkpoint, *progress, _sample_grids(cfg, family, val), snapshots,
                                    TrainingCurves(out, title=str(cfg["run_name"]))],  # <out>/logs/curves.png
                         val_check_interval=int(cfg["val_every_steps"]),
                         check_val_every_n_epoch=None,
@@ -136,11 +145,9 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     summary: dict[str, Any] = {"global_step": trainer.global_step, "metrics": metrics}
     if trainer.is_global_zero:
-        export = export_student(out / "export" / "student_ema.pt", task.ema.shadow.state_dict(),
-                                task.student.state_dict(),
-                                {"model": cfg["model"], "schedule": cfg["schedule"], "global_step": trainer.global_step,
-                                 "teacher_sha256": state_dict_sha256(family.teacher), "metrics": metrics},
-                                keys=spec.export_keys)
+        export = export(out / "export" / "student_ema.pt", task,
+                        {"global_step": trainer.global_step, "train_s": round(snapshots.elapsed(), 3),
+                         "metrics": metrics})
         summary["export"] = str(export)
         log.info("exported EMA student to %s", export)
     return summary

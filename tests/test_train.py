@@ -4,6 +4,7 @@ bf16, compile) run on gpt_test."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from dd.checkpoint import read_checkpoint
 from dd.distill.losses import LossConfig, dd_loss, sample_timesteps
 from dd.generate_pairs import run as run_pairs
 from dd.runs import ConfigError
+from dd.tasks.snapshots import list_snapshots
 from dd.train import run as run_train
 
 from test_pairs import PRESETS, build_spec, compose_cfg
@@ -108,7 +110,7 @@ def test_bad_train_settings_fail_early(pairs_dir: Path, tmp_path: Path) -> None:
 
 
 def test_short_training_lowers_loss_and_exports_official_layout(preset: str, pairs_dir: Path, tmp_path: Path) -> None:
-    summary = run_train(compose_cfg("train", _train_overrides(pairs_dir, tmp_path, model=preset)))
+    summary = run_train(compose_cfg("train", _train_overrides(pairs_dir, tmp_path, model=preset, snapshot_every=12)))
     assert summary["global_step"] == 24
     metrics = (tmp_path / "logs" / "metrics.csv").read_text().splitlines()
     header = metrics[0].split(",")
@@ -124,7 +126,17 @@ def test_short_training_lowers_loss_and_exports_official_layout(preset: str, pai
     assert set(student.state_dict()) == set(ema) == set(raw)
     assert all(torch.equal(v, ema[k]) for k, v in student.state_dict().items())
     assert not torch.equal(ema["n_d_embed.weight"], raw["n_d_embed.weight"])
-    assert (Path(summary["export"] + ".json")).is_file()
+    final_info = json.loads(Path(summary["export"] + ".json").read_text())
+    # snapshot_every=12: EMA exports at steps 12 and 24 with their training time; the last one is the final export
+    snapshots = list_snapshots(tmp_path / "export")
+    assert [p.name for p in snapshots] == ["student_ema_step0000012.pt", "student_ema_step0000024.pt"]
+    infos = [json.loads(Path(str(p) + ".json").read_text()) for p in snapshots]
+    assert [i["global_step"] for i in infos] == [12, 24] and 0 < infos[0]["train_s"] < infos[1]["train_s"]
+    assert infos[1]["train_s"] <= final_info["train_s"] and final_info["global_step"] == 24
+    last_ema, _ = _ema_and_raw(read_checkpoint(snapshots[-1]), preset)
+    assert all(torch.equal(last_ema[k], v) for k, v in ema.items())
+    first_ema, _ = _ema_and_raw(read_checkpoint(snapshots[0]), preset)
+    assert not torch.equal(first_ema["n_d_embed.weight"], ema["n_d_embed.weight"])
 
 
 def _cli(pairs: Path, out: Path, preset: str, *extra: str, **settings: object) -> list[str]:

@@ -71,7 +71,8 @@ def _font(size: int = 12) -> ImageFont.ImageFont:
 
 
 def _draw_panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str,
-                lines: dict[str, list[tuple[float, float]]], font: ImageFont.ImageFont, log_y: bool = False) -> None:
+                lines: dict[str, list[tuple[float, float]]], font: ImageFont.ImageFont, log_y: bool = False,
+                x_label: str = "step") -> None:
     """Axes with 5 ticks each, one coloured polyline per series, legend under the title. ``log_y``: log10 y axis
     (points <= 0 left out), ticks labelled with the values."""
     if log_y:
@@ -83,7 +84,7 @@ def _draw_panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title
         draw.line((x0, top + 30 + 14 * i, x0 + 18, top + 30 + 14 * i), fill=PALETTE[i % len(PALETTE)], width=3)
         draw.text((x0 + 24, top + 23 + 14 * i), name, fill="black", font=font)
     draw.rectangle((x0, y0, x1, y1), outline="black")
-    draw.text(((x0 + x1) // 2 - 12, y1 + 20), "step", fill="black", font=font)
+    draw.text(((x0 + x1) // 2 - 3 * len(x_label), y1 + 20), x_label, fill="black", font=font)
     points = [p for values in lines.values() for p in values]
     if not points:
         draw.text((x0 + 10, (y0 + y1) // 2), "no data", fill="gray", font=font)
@@ -122,6 +123,17 @@ def plot_curves(rows: Sequence[Row], path: str | Path, title: str = "") -> Path:
     for i, (panel_title, patterns, log_y) in enumerate(PANELS):
         lines = {key: series(rows, key) for key in _panel_keys(rows, patterns)}
         _draw_panel(draw, (i * width, 22, (i + 1) * width, height + 22), panel_title, lines, font, log_y)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
+def plot_lines(lines: dict[str, list[tuple[float, float]]], path: str | Path, title: str, x_label: str,
+               width: int = 640, height: int = 440) -> Path:
+    """One panel of named (x, y) polylines (e.g. proxy FID against training seconds) as a PNG at ``path``."""
+    image = Image.new("RGB", (width, height), "white")
+    _draw_panel(ImageDraw.Draw(image), (0, 0, width, height), title, lines, _font(), x_label=x_label)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
