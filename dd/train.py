@@ -32,6 +32,8 @@ def _validate(cfg: dict[str, Any], spec: Any) -> None:
                           ) from err
     if int(cfg["max_steps"]) < 1 or int(cfg["batch_size"]) < 1:
         raise ConfigError("max_steps and batch_size must be >= 1")
+    if int(cfg.get("snapshot_every", 0)) < 0:
+        raise ConfigError(f"snapshot_every={cfg['snapshot_every']} must be >= 0 (0: no snapshots)")
     if int(cfg["data"]["val_every"]) < 2:
         raise ConfigError(f"data.val_every={cfg['data']['val_every']} must be >= 2 (every k-th pair is held out)")
     if cfg["resume"] not in ("auto", "never") and not Path(str(cfg["resume"])).is_file():
@@ -145,11 +147,11 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     summary: dict[str, Any] = {"global_step": trainer.global_step, "metrics": metrics}
     if trainer.is_global_zero:
-        export = export(out / "export" / "student_ema.pt", task,
-                        {"global_step": trainer.global_step, "train_s": round(snapshots.elapsed(), 3),
-                         "metrics": metrics})
-        summary["export"] = str(export)
-        log.info("exported EMA student to %s", export)
+        final = export(out / "export" / "student_ema.pt", task,
+                       {"global_step": trainer.global_step, "train_s": round(snapshots.elapsed(), 3),
+                        "metrics": metrics})
+        summary["export"] = str(final)
+        log.info("exported EMA student to %s", final)
     return summary
 
 
