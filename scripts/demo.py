@@ -6,7 +6,9 @@
     python scripts/demo.py --pairs 30000 --steps 6000 --out outputs/demo_custom    # explicit sizes win over a profile
 
 Per model: pairs -> training -> evaluation of the teacher, DD 1-step, DD 2-step and teacher-involved sampling with
-the same labels and seeds. Ends with a metrics table per model (``<out>/<model>/results.md``, also printed) and one
+the same labels and seeds. With curve points (``--curve-points N``; the long profile: 6) the EMA student is also
+exported N times during training and each snapshot is evaluated at 1 and 2 steps: ``quality_curve.png`` (proxy FID
+against training seconds, the teacher's as a line) and a table in the results. Ends with a metrics table per model (``<out>/<model>/results.md``, also printed) and one
 grid comparing the samplers (``<out>/<model>/comparison.png``: one row per sampler, the same labels in every
 column) and the training curves (``<out>/<model>/train/logs/curves.png``, linked from the results). Everything
 the script does goes through the entry points' ``run`` functions: nothing here depends on the family.
@@ -35,6 +37,8 @@ PROFILES = {"default": {"gpt_tiny": {"pairs": 10000, "steps": 800, "batch": 64},
             "long": {"gpt_tiny": {"pairs": 20000, "steps": 3000, "batch": 64},
                      "var_tiny": {"pairs": 20000, "steps": 1200, "batch": 64}}}
 FALLBACK_SIZES = {"pairs": 10000, "steps": 800, "batch": 64}  # presets without a profile entry
+#: points of the quality-against-training-time curve per profile (EMA snapshots evaluated at 1 and 2 steps)
+CURVE_POINTS = {"default": 0, "long": 6}
 
 
 def _sizes(args: argparse.Namespace, model: str) -> argparse.Namespace:
@@ -100,19 +104,57 @@ def _teacher_start(model: str, requested: int | None) -> int:
     return max(0, round(second / 3))
 
 
+def _curve_points(args: argparse.Namespace) -> int:
+    return args.curve_points if args.curve_points is not None else CURVE_POINTS[args.profile]
+
+
+def _quality_curve(model: str, out: Path, export: Path, args: argparse.Namespace, teacher_fid: float | None,
+                   final: dict[str, dict], final_step: int, teacher_steps: int) -> str:
+    """Evaluate every training snapshot at 1 and 2 steps (the final one is the run's own DD rows); the curve PNG
+    and a markdown table."""
+    from dd.tasks.curves import plot_lines
+    from dd.tasks.snapshots import list_snapshots
+
+    rows = []
+    for snapshot in list_snapshots(export.parent):
+        info = json.loads(Path(str(snapshot) + ".json").read_text())
+        step = int(info["global_step"])
+        fids = {}
+        for name, extra in (("1-step", ["sampler=fewstep", "schedule=onestep"]), ("2-step", ["sampler=fewstep"])):
+            if step == final_step and f"DD {name}" in final:
+                metrics = final[f"DD {name}"]["metrics"]  # the last snapshot is the final export: already evaluated
+            else:
+                metrics = _evaluate(model, out, snapshot, f"curve/step{step}_{name}", args.samples, extra)["metrics"]
+            fids[name] = metrics
+        rows.append((step, float(info["train_s"]), fids))
+    lines = {f"DD {n}": [(t, f[n]["fid"]) for _, t, f in rows if f[n].get("fid") is not None]
+             for n in ("1-step", "2-step")}
+    if teacher_fid is not None and rows:
+        lines[f"teacher ({teacher_steps} steps)"] = [(rows[0][1], teacher_fid), (rows[-1][1], teacher_fid)]
+    plot_lines(lines, out / "quality_curve.png", f"{model}: proxy FID of EMA snapshots", "training seconds")
+    table = ["| step | training s | 1-step FID | 1-step recall | 2-step FID | 2-step recall |", "|---|---|---|---|---|---|"]
+    for step, seconds, f in rows:
+        one, two = f["1-step"], f["2-step"]
+        table.append(f"| {step} | {seconds:.0f} | {one.get('fid', float('nan')):.2f} | {one.get('recall', float('nan')):.3f} | "
+                     f"{two.get('fid', float('nan')):.2f} | {two.get('recall', float('nan')):.3f} |")
+    return "\n".join(table)
+
+
 def run_model(model: str, args: argparse.Namespace, out: Path) -> str:
     """pairs -> training -> evaluation of one preset; returns its results table and timing as markdown."""
     from dd.generate_pairs import run as run_pairs
     from dd.train import run as run_train
 
     size = _sizes(args, model)
+    points = _curve_points(args)
+    snapshot = [f"snapshot_every={max(size.steps // points, 1)}"] if points > 0 else []
     clock = {"start": time.perf_counter()}
     run_pairs(_cfg("generate_pairs", [f"model={model}", f"num_pairs={size.pairs}", f"output_dir={out / 'pairs'}"]))
     clock["pairs"] = time.perf_counter()
     summary = run_train(_cfg("train", [f"model={model}", f"data.pairs_dir={out / 'pairs' / 'pairs'}",
                                        f"output_dir={out / 'train'}", f"max_steps={size.steps}",
                                        f"batch_size={size.batch}", f"val_every_steps={max(size.steps // 4, 1)}",
-                                       f"ckpt_every={max(size.steps // 2, 1)}", *args.train_overrides]))
+                                       f"ckpt_every={max(size.steps // 2, 1)}", *snapshot, *args.train_overrides]))
     clock["train"] = time.perf_counter()
     export = Path(summary["export"])
     start = _teacher_start(model, args.teacher_start)
@@ -127,6 +169,14 @@ def run_model(model: str, args: argparse.Namespace, out: Path) -> str:
         folder = name.split(" ")[0].lower() + "_" + name.split(" ")[-1].replace("=", "")
         results[name] = (folder, _evaluate(model, out, export, folder, args.samples, extra))
     clock["eval"] = time.perf_counter()
+    curve = ""
+    if points > 0:
+        teacher_fid = results["teacher"][1]["metrics"].get("fid")
+        curve_table = _quality_curve(model, out, export, args, teacher_fid, {n: p for n, (_, p) in results.items()},
+                                     size.steps, results["teacher"][1]["steps"])
+        clock["curve"] = time.perf_counter()
+        curve = (f"quality against training time (EMA snapshots; {clock['curve'] - clock['eval']:.0f} s to "
+                 f"evaluate): ![](quality_curve.png)\n\n{curve_table}\n\n")
     lines = ["| sampler | #Step | FID (classifier features) | IS | precision | recall | label accuracy | ms / image |",
              "|---|---|---|---|---|---|---|---|"]
     lines += [_row(name, payload) for name, (_, payload) in results.items()]
@@ -136,10 +186,10 @@ def run_model(model: str, args: argparse.Namespace, out: Path) -> str:
               f"{clock['eval'] - clock['start']:.0f} s")
     table = "\n".join(lines)
     curves = "training curves (loss terms, held-out token accuracy per t): ![](train/logs/curves.png)"
-    (out / "results.md").write_text(table + "\n\n" + timing + "\n\n" + curves + "\n\n![](comparison.png)\n")
+    (out / "results.md").write_text(table + "\n\n" + timing + "\n\n" + curve + curves + "\n\n![](comparison.png)\n")
     (out / "results.json").write_text(json.dumps({n: p for n, (_, p) in results.items()}, indent=2, default=str))
     grid = _comparison(out, [(name, folder) for name, (folder, _) in results.items()])
-    return (f"### {model}\n\n{table}\n\n{timing}\n\ncomparison grid: {grid}\n\n"
+    return (f"### {model}\n\n{table}\n\n{timing}\n\n{curve}comparison grid: {grid}\n\n"
             f"training curves: {out / 'train' / 'logs' / 'curves.png'}\n")
 
 
@@ -155,6 +205,9 @@ def main() -> None:
     parser.add_argument("--train-override", dest="train_overrides", action="append", default=[],
                         help="extra dd.train override, repeatable (e.g. --train-override optim.lr=1e-3)")
     parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument("--curve-points", type=int, default=None,
+                        help="EMA snapshots evaluated at 1 and 2 steps for quality_curve.png (default: the profile's: "
+                             "default 0, long 6)")
     parser.add_argument("--teacher-start", type=int, default=None,
                         help="teacher_start_t of the teacher-involved row (default: a third of t_list[1])")
     parser.add_argument("--out", default=None, help="output folder (default: outputs/demo, outputs/demo_long)")
