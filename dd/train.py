@@ -39,6 +39,20 @@ def _validate(cfg: dict[str, Any], spec: Any) -> None:
     if cfg["resume"] not in ("auto", "never") and not Path(str(cfg["resume"])).is_file():
         raise ConfigError(f"resume={cfg['resume']!r}: expected 'auto', 'never' or an existing .ckpt path")
     refuse_multirun_with_ddp(cfg["trainer"], is_multirun())
+    if _method(cfg) not in ("dd", "dd2"):
+        raise ConfigError(f"method={_method(cfg)!r}: expected dd (pair regression) or dd2 (score distillation)")
+    if _method(cfg) == "dd2":
+        from dd.tasks.dd2 import DD2Config
+
+        try:
+            DD2Config(**{k: v for k, v in cfg["method"].items()
+                         if k not in ("name", "generator_init", "noise_pool", "val_samples")})
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"method=dd2: {err}") from err
+
+
+def _method(cfg: dict[str, Any]) -> str:
+    return str((cfg.get("method") or {}).get("name", "dd"))
 
 
 def _datasets(cfg: dict[str, Any], family: Any, teacher_sha: str):
@@ -113,12 +127,21 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     out = Path(cfg["output_dir"])
     L.seed_everything(int(cfg["seed"]), workers=True)
     family = spec.build_family()
-    student = spec.build_student(family.codebook(), init=cfg["student_init"], teacher=family.teacher)
-    train, val = _datasets(cfg, family, state_dict_sha256(family.teacher))
-    loss = LossConfig(**{k: v for k, v in cfg["loss"].items() if k != "perceptual"}, split_t=cfg["schedule"]["split_t"])
-    task = DistillationTask(student, cfg["schedule"]["t_list"], loss, OptimConfig(**cfg["optim"]),
-                            float(cfg["ema_decay"]), int(cfg["max_steps"]), train, val, int(cfg["batch_size"]),
-                            int(cfg["num_workers"]), _perceptual(cfg, family), bool(cfg["compile"]), int(cfg["seed"]))
+    dd2 = _method(cfg) == "dd2"
+    if dd2:  # conditional score distillation: no pairs (dd.tasks.dd2)
+        from dd.tasks.dd2 import build_dd2_task, export_schedule
+
+        task, schedule = build_dd2_task(cfg, spec, family), export_schedule(cfg, spec)
+    else:
+        student = spec.build_student(family.codebook(), init=cfg["student_init"], teacher=family.teacher)
+        train, val = _datasets(cfg, family, state_dict_sha256(family.teacher))
+        loss = LossConfig(**{k: v for k, v in cfg["loss"].items() if k != "perceptual"},
+                          split_t=cfg["schedule"]["split_t"])
+        task = DistillationTask(student, cfg["schedule"]["t_list"], loss, OptimConfig(**cfg["optim"]),
+                                float(cfg["ema_decay"]), int(cfg["max_steps"]), train, val, int(cfg["batch_size"]),
+                                int(cfg["num_workers"]), _perceptual(cfg, family), bool(cfg["compile"]),
+                                int(cfg["seed"]))
+        schedule = cfg["schedule"]
     if is_rank_zero():
         save_resolved_config(out, cfg)
     ckpt_dir = out / "checkpoints"
@@ -129,17 +152,17 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
 
     def export(path: Path, task: Any, extra: dict[str, Any]) -> Path:
         return export_student(path, task.ema.shadow.state_dict(), task.student.state_dict(),
-                              {"model": cfg["model"], "schedule": cfg["schedule"], "teacher_sha256": teacher_sha,
-                               **extra}, keys=spec.export_keys)
+                              {"model": cfg["model"], "schedule": schedule, "method": _method(cfg),
+                               "teacher_sha256": teacher_sha, **extra}, keys=spec.export_keys)
 
     snapshots = StudentSnapshots(out / "export", int(cfg.get("snapshot_every", 0)), export)
     trainer = L.Trainer(**cfg["trainer"], use_distributed_sampler=False, max_steps=int(cfg["max_steps"]), logger=_logger(cfg, out),
-                        callbacks=[checkpoint, *progress, _sample_grids(cfg, family, val), snapshots,
+                        callbacks=[checkpoint, *progress, *([] if dd2 else [_sample_grids(cfg, family, val)]), snapshots,
                                    TrainingCurves(out, title=str(cfg["run_name"]))],  # <out>/logs/curves.png
                         val_check_interval=int(cfg["val_every_steps"]),
                         check_val_every_n_epoch=None,
                         log_every_n_steps=int(cfg["log_every"]), default_root_dir=str(out),
-                        gradient_clip_val=float(cfg["grad_clip"]),
+                        gradient_clip_val=None if dd2 else float(cfg["grad_clip"]),  # DD2 clips its own
                         accumulate_grad_batches=int(cfg["accumulate_grad_batches"]),
                         limit_val_batches=cfg["limit_val_batches"], num_sanity_val_steps=0)
     trainer.fit(task, ckpt_path=_resume_path(cfg, ckpt_dir))

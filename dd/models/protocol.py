@@ -73,6 +73,18 @@ class ARFamily(Protocol):
         """Continuous token sequence (B, L, d) -> images (B, 3, H, W) in about [-1, 1]; differentiable."""
         ...
 
+    def teacher_log_probs(self, labels: torch.Tensor, ids: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+        """Teacher forcing: (B, L) ids -> (B, L, V) float32 log-probabilities of the distribution teacher sampling
+        (``teacher_generate`` with ``sampling``: CFG as its sampler applies it, temperature, top-k, top-p; -inf
+        where filtered) draws token i from, given the ids of the earlier timesteps. No gradient (DD2)."""
+        ...
+
+    def feature_trunk(self) -> torch.nn.Module:
+        """A new trainable copy of the teacher without its logits layer (DD2's AR-diffusion trunk): a module with
+        ``feature_dim`` and ``forward(labels (B,), ids (B, L)) -> (B, L, feature_dim)``, the hidden state the
+        teacher's logits for token i come from (it sees only the ids of earlier timesteps); no label dropout."""
+        ...
+
     def set_fast_path(self, fast_path: str) -> None:
         """How teacher generation runs its steps from now on (:data:`dd.acceleration.FAST_PATHS`); the tokens are
         the eager path's. A family may run some of its loop eager whatever the setting (it says so)."""

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
+from torch import nn
 
 from dd.acceleration import CompileOptions, check_fast_path
 from dd.models.codebook import nearest_code_indices
@@ -11,7 +14,7 @@ from dd.models.llamagen.generation import generate
 from dd.models.llamagen.gpt import LlamaGenGPT
 from dd.models.llamagen.tokenizer import VQTokenizer
 from dd.sampling.choosers import TokenChooser
-from dd.sampling.logits import SamplingConfig
+from dd.sampling.logits import SamplingConfig, combine_cfg, processed_log_probs
 
 
 class LlamaGenFamily:
@@ -69,6 +72,36 @@ class LlamaGenFamily:
                               decoder=self._decoder)
         return result.tokens
 
+    @torch.no_grad()
+    def teacher_log_probs(self, labels: torch.Tensor, ids: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+        """One causal pass over [class, ids[:, :-1]] (CFG-doubled when guided); position i uses the guidance rule of
+        ``generate`` (the prefill is always guided, decode iteration i - 1 unless past ``cfg_interval``)."""
+        batch, length = ids.shape
+        teacher = self.teacher
+        was_training = teacher.training
+        teacher.eval()  # no label dropout
+        try:
+            conditions = torch.cat([labels, torch.full_like(labels, teacher.null_class)]) if sampling.uses_cfg \
+                else labels
+            inputs = torch.cat([ids, ids])[:, :-1] if sampling.uses_cfg else ids[:, :-1]
+            enabled = self.teacher_dtype is not None
+            with torch.autocast(labels.device.type, dtype=self.teacher_dtype or torch.bfloat16, enabled=enabled):
+                logits = teacher(conditions, inputs).float()  # (B', L, V): slot j predicts token j
+        finally:
+            teacher.train(was_training)
+        if sampling.uses_cfg:
+            cond, uncond = logits[:batch], logits[batch:]
+            guided = combine_cfg(cond, uncond, sampling.cfg_scale)
+            if sampling.cfg_interval > -1:
+                position = torch.arange(length, device=ids.device)
+                use = (position == 0) | ((position - 1) <= sampling.cfg_interval)
+                guided = torch.where(use[None, :, None], guided, cond)
+            logits = guided
+        return processed_log_probs(logits, sampling)
+
+    def feature_trunk(self) -> torch.nn.Module:
+        return LlamaGenFeatureTrunk(self.teacher)
+
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, L, d) continuous tokens -> images (B, 3, H, W) in about [-1, 1] (differentiable: perceptual losses)."""
         return self.tokenizer.decode_tokens(tokens.float(), self.grid)
@@ -76,3 +109,19 @@ class LlamaGenFamily:
     @torch.no_grad()
     def decode_ids(self, ids: torch.Tensor) -> torch.Tensor:
         return self.tokenizer.decode_indices(ids, self.grid)
+
+
+class LlamaGenFeatureTrunk(nn.Module):
+    """DD2's AR-diffusion trunk: a trainable copy of the teacher GPT without its output layer and label dropout;
+    ``forward(labels, ids)`` -> (B, L, dim), row i from the class and ids before i (the slot whose logits predict i)."""
+
+    def __init__(self, teacher: LlamaGenGPT) -> None:
+        super().__init__()
+        model = copy.deepcopy(teacher).requires_grad_(True)
+        model.class_dropout_prob = 0.0
+        del model.output
+        self.model = model
+        self.feature_dim = teacher.dim
+
+    def forward(self, labels: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.features(labels, ids[:, :-1])

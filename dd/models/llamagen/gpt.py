@@ -67,12 +67,12 @@ class LlamaGenGPT(nn.Module):
         return self.cls_embedding(labels)[:, None, :]
 
     def _run(self, h: torch.Tensor, input_pos: torch.Tensor, kv_len: int | None,
-             cache_mask: torch.Tensor | None = None) -> torch.Tensor:
+             cache_mask: torch.Tensor | None = None, head: bool = True) -> torch.Tensor:
         h = self.tok_dropout(h)
         rope = self.rope[input_pos]
         for layer in self.layers:
             h = layer(h, rope, input_pos, kv_len, cache_mask)
-        return self.output(self.norm(h)).float()
+        return self.output(self.norm(h)).float() if head else self.norm(h)
 
     # -- full-sequence (teacher-forcing) path ---------------------------------------------------------------------
     def forward(self, labels: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
@@ -80,6 +80,13 @@ class LlamaGenGPT(nn.Module):
 
         Row j of the output predicts image token j (row 0 = class slot). No KV cache is used or touched.
         """
+        return self._teacher_forced(labels, tokens, head=True)
+
+    def features(self, labels: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`forward` without the output layer: the normed hidden states (B, T + 1, dim) the logits come from."""
+        return self._teacher_forced(labels, tokens, head=False)
+
+    def _teacher_forced(self, labels: torch.Tensor, tokens: torch.Tensor | None, head: bool) -> torch.Tensor:
         h = self.class_embeddings(labels)
         if tokens is not None and tokens.shape[1] > 0:
             if tokens.shape[1] > self.block_size:
@@ -90,7 +97,7 @@ class LlamaGenGPT(nn.Module):
         for layer in self.layers:
             layer.attention.kv_cache = None
         try:
-            return self._run(h, input_pos, None)
+            return self._run(h, input_pos, None, head=head)
         finally:
             for layer, cache in zip(self.layers, caches):
                 layer.attention.kv_cache = cache

@@ -1,0 +1,237 @@
+"""The DD2 trainer (``python -m dd.train method=dd2``): conditional score distillation, no pair dataset.
+
+A Lightning module with manual optimisation of two networks (``dd.distill.dd2``): the one-step generator (the
+family's DD student, exported like a DD run so ``dd.eval`` samples it unchanged) and the guidance network (an
+AR-diffusion model built from the teacher's trunk). Per batch of (label, noise) drawn from per-sample seeds:
+
+1. the first ``gts_steps`` batches initialise the guidance network by regressing the analytic teacher denoiser
+   (GTS) on tokens drawn from the teacher's own per-position distributions given the generator's prefixes;
+2. afterwards each batch makes ``fake_updates`` guidance updates (score matching on the generator's detached
+   tokens) and one generator update (conditional score distillation), then updates the generator's EMA.
+
+Exactly one Lightning-wrapped optimizer step happens per batch (the guidance network's in phase 1, the generator's
+in phase 2; the guidance steps of phase 2 call the raw optimizer), so ``trainer.global_step`` counts batches and
+``max_steps``, ``ckpt_every``, ``snapshot_every`` and ``val_every_steps`` mean what they mean for DD.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from dd.distill.dd2 import (ARDenoiser, fake_score_loss, generator_loss, generator_sample, gts_loss, noised,
+                            sample_noise_levels, teacher_denoised_at, teacher_nll)
+from dd.distill.ema import EMA
+from dd.models.protocol import ARFamily
+from dd.sampling.choosers import inverse_cdf
+from dd.sampling.logits import SamplingConfig
+from dd.sampling.seeds import per_sample_labels, per_sample_normal
+from dd.tasks.distillation import StepIndexedBatchSampler
+
+
+@dataclass(frozen=True)
+class DD2Config:
+    """``configs/method/dd2.yaml`` (see the comments there)."""
+
+    generator_output: str = "logits"
+    temperature: float = 1.0
+    gts_steps: int = 200
+    fake_updates: int = 1
+    lr_generator: float = 1e-4
+    lr_fake: float = 1e-3
+    betas: tuple[float, float] = (0.0, 0.999)
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    s_min: float = 0.02
+    s_max: float = 0.98
+    normalize: bool = True
+    grad_clip: float = 1.0
+    head_width: int = 256
+    head_depth: int = 3
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        if self.generator_output not in ("logits", "continuous"):
+            raise ValueError(f"method.generator_output={self.generator_output!r}: expected 'logits' or 'continuous'")
+        if self.gts_steps < 0 or self.fake_updates < 1:
+            raise ValueError("method.gts_steps must be >= 0 and method.fake_updates >= 1")
+        if not 0.0 < self.s_min <= self.s_max <= 1.0:
+            raise ValueError(f"method.s_min={self.s_min}, s_max={self.s_max}: need 0 < s_min <= s_max <= 1")
+        if min(self.lr_generator, self.lr_fake) <= 0 or self.temperature <= 0:
+            raise ValueError("method.lr_generator, lr_fake and temperature must be > 0")
+
+
+class NoiseLabelDataset(Dataset):
+    """Item i: a uniform class label and a (L, d) standard-normal noise sequence, both from the seed
+    ``seed_base + i`` (the streams ``dd.eval`` uses), so any item can be regenerated exactly."""
+
+    def __init__(self, num_items: int, length: int, token_dim: int, num_classes: int, seed_base: int) -> None:
+        self.num_items, self.shape, self.num_classes, self.seed_base = num_items, (length, token_dim), num_classes, seed_base
+
+    def __len__(self) -> int:
+        return self.num_items
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        seed = [self.seed_base + int(index)]
+        return {"label": per_sample_labels(seed, self.num_classes)[0], "noise": per_sample_normal(seed, self.shape)[0]}
+
+
+class DD2Task(L.LightningModule):
+    """Generator + guidance network + frozen teacher (``family``); see the module docstring."""
+
+    def __init__(self, family: ARFamily, generator: torch.nn.Module, fake: ARDenoiser, sampling: SamplingConfig,
+                 config: DD2Config, ema_decay: float, train_data: Dataset, val_data: Dataset, batch_size: int,
+                 num_workers: int = 0, seed: int = 0) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.family = family
+        self.teacher = family.teacher.eval().requires_grad_(False)  # registered: moves with the module
+        self.tokenizer = family.tokenizer.eval().requires_grad_(False)
+        self.student = generator
+        self.fake = fake
+        self.ema = EMA(generator, ema_decay)
+        self.sampling, self.config = sampling, config
+        self.train_data, self.val_data = train_data, val_data
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.register_buffer("batches_seen", torch.zeros((), dtype=torch.long))
+
+    def train(self, mode: bool = True) -> "DD2Task":
+        super().train(mode)
+        self.teacher.eval()
+        self.tokenizer.eval()
+        self.ema.shadow.eval()
+        return self
+
+    # -- data ---------------------------------------------------------------------------------------------------------
+    def train_dataloader(self) -> DataLoader:
+        sampler = StepIndexedBatchSampler(len(self.train_data), self.batch_size, self.seed,
+                                          start_fn=lambda: int(self.batches_seen),
+                                          rank_fn=lambda: (self.trainer.global_rank, self.trainer.world_size))
+        return DataLoader(self.train_data, batch_sampler=sampler, num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_data, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+
+    # -- optimisation -------------------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        cfg = self.config
+        gen = torch.optim.AdamW(self.student.parameters(), lr=cfg.lr_generator, betas=cfg.betas,
+                                weight_decay=cfg.weight_decay)
+        fake = torch.optim.AdamW(self.fake.parameters(), lr=cfg.lr_fake, betas=cfg.betas,
+                                 weight_decay=cfg.weight_decay)
+        return [gen, fake]
+
+    def _warmup(self, optimizer: torch.optim.Optimizer, base_lr: float, step: int) -> None:
+        factor = min(1.0, (step + 1) / max(self.config.warmup_steps, 1))
+        for group in optimizer.param_groups:
+            group["lr"] = base_lr * factor
+
+    def _levels(self, shape: tuple[int, ...], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        s = sample_noise_levels(shape, self.config.s_min, self.config.s_max, generator, self.device)
+        eps = torch.randn((*shape, self.family.token_dim), generator=generator).to(self.device)
+        return s, eps
+
+    def _sample(self, labels: torch.Tensor, noise: torch.Tensor, model: torch.nn.Module | None = None):
+        return generator_sample(model if model is not None else self.student, labels, noise,
+                                self.config.generator_output, self.config.temperature)
+
+    def _update(self, optimizer: Any, loss: torch.Tensor, parameters: Any) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        if self.config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(list(parameters), self.config.grad_clip)
+        optimizer.step()
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        step = int(self.batches_seen)
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 101 + rank)
+        self.batches_seen += 1
+        labels, noise = batch["label"], batch["noise"]
+        gen_opt, fake_opt = self.optimizers()
+        codebook = self.student.codebook
+        shape = tuple(labels.shape) + (self.family.sequence_length,)
+        cfg = self.config
+        if step < cfg.gts_steps:  # phase 1: guidance network <- analytic teacher denoiser
+            self._warmup(fake_opt.optimizer, cfg.lr_fake, step)
+            with torch.no_grad():
+                ids = self._sample(labels, noise).ids
+                log_probs = self.family.teacher_log_probs(labels, ids, self.sampling)
+                uniforms = 1.0 - torch.rand(ids.shape, generator=generator, dtype=torch.float64)
+                drawn = inverse_cdf(log_probs.exp(), uniforms)  # token i ~ p_i(. | generated prefix)
+            s, eps = self._levels(shape, generator)
+            loss = gts_loss(self.fake, labels, ids, codebook[drawn], log_probs, codebook, s, eps)
+            self._update(fake_opt, loss, self.fake.parameters())
+            self.log_dict({"train/loss": loss, "train/dd2_gts": loss}, prog_bar=True, on_step=True, on_epoch=False,
+                          batch_size=labels.shape[0])
+            return
+        dd2_step = step - cfg.gts_steps
+        self._warmup(fake_opt.optimizer, cfg.lr_fake, dd2_step)
+        self._warmup(gen_opt.optimizer, cfg.lr_generator, dd2_step)
+        for _ in range(cfg.fake_updates):  # guidance network <- score of the generator's current samples
+            with torch.no_grad():
+                sample = self._sample(labels, noise)
+            s, eps = self._levels(shape, generator)
+            fake_loss = fake_score_loss(self.fake, labels, sample.ids, sample.q, s, eps)
+            self._update(fake_opt.optimizer, fake_loss, self.fake.parameters())  # raw: not a Lightning step
+        sample = self._sample(labels, noise)
+        s, eps = self._levels(shape, generator)
+        with torch.no_grad():
+            log_probs = self.family.teacher_log_probs(labels, sample.ids, self.sampling)
+            x = noised(sample.q.detach().float(), s, eps)
+            teacher_d = teacher_denoised_at(x, s, log_probs, codebook)
+            fake_d = self.fake(labels, sample.ids, x, s)
+        terms = generator_loss(sample.q, s, eps, teacher_d, fake_d, cfg.normalize)
+        self._update(gen_opt, terms.loss, self.student.parameters())
+        self.ema.update(self.student)
+        self.log_dict({"train/loss": terms.loss.detach(), "train/dd2_fake": fake_loss.detach(),
+                       "train/dd2_signal": terms.grad_norm, "train/teacher_nll": teacher_nll(log_probs, sample.ids)},
+                      prog_bar=True, on_step=True, on_epoch=False, batch_size=labels.shape[0])
+
+    # -- validation (EMA generator) -----------------------------------------------------------------------------------
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        labels, noise = batch["label"], batch["noise"]
+        ids = self._sample(labels, noise, self.ema.shadow).ids
+        log_probs = self.family.teacher_log_probs(labels, ids, self.sampling)
+        size = labels.shape[0]
+        self.log("val/teacher_nll", teacher_nll(log_probs, ids), batch_size=size, sync_dist=True, prog_bar=True)
+        # diversity: fraction of positions where two samples of the batch differ (0 = every sample alike)
+        differ = (ids[:, None, :] != ids[None, :, :]).float().mean(-1)
+        pairs = size * (size - 1)
+        self.log("val/pairwise_token_diversity", differ.sum() / max(pairs, 1), batch_size=size, sync_dist=True)
+
+
+def build_dd2_task(cfg: dict[str, Any], spec: Any, family: ARFamily) -> DD2Task:
+    """The DD2 task of a resolved ``dd.train`` config with ``method=dd2``: generator from the teacher (or the DD
+    student export ``method.generator_init`` names), guidance network from the teacher's trunk."""
+    method = {k: v for k, v in cfg["method"].items()
+              if k not in ("name", "generator_init", "noise_pool", "val_samples")}
+    config = DD2Config(**method)
+    init = str(cfg["method"].get("generator_init") or "teacher")
+    if init == "teacher":
+        generator = spec.build_student(family.codebook(), init="teacher", teacher=family.teacher)
+    else:
+        generator = spec.build_student(family.codebook(), init="checkpoint", checkpoint=init)
+    codebook = family.codebook().float()
+    fake = ARDenoiser(family.feature_trunk(), family.token_dim, config.head_width, config.head_depth,
+                      token_var=float(codebook.detach().pow(2).mean()))
+    batch, steps, seed = int(cfg["batch_size"]), int(cfg["max_steps"]), int(cfg["seed"])
+    pool = int(cfg["method"].get("noise_pool") or batch * steps)  # default: fresh noise every step
+    world = int(cfg["trainer"].get("devices", 1) or 1) * int(cfg["trainer"].get("num_nodes", 1) or 1)
+    train = NoiseLabelDataset(max(pool, batch * world), family.sequence_length, family.token_dim,
+                              family.num_classes, seed_base=1_000_000_000 + seed * 10_000_000)
+    val = NoiseLabelDataset(int(cfg["method"].get("val_samples", 256)), family.sequence_length, family.token_dim,
+                            family.num_classes, seed_base=2_000_000_000)
+    return DD2Task(family, generator, fake, spec.sampling, config, float(cfg["ema_decay"]), train, val, batch,
+                   int(cfg["num_workers"]), seed)
+
+
+def export_schedule(cfg: dict[str, Any], spec: Any) -> dict[str, Any]:
+    """What ``dd.eval`` should sample a DD2 generator with: one step, every token from the head it was trained on
+    (logits: split_t = the whole sequence; continuous: split_t = 0)."""
+    logits = str(cfg["method"].get("generator_output", "logits")) == "logits"
+    return {"t_list": [0], "split_t": int(spec.num_timesteps) if logits else 0}
