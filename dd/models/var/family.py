@@ -6,13 +6,16 @@ tokens (0, 1, 5, 14, 30, 55, 91, 155, 255, 424, 680 for the 10-scale models) and
 
 from __future__ import annotations
 
+import copy
+
 import torch
+from torch import nn
 
 from dd.acceleration import CompileOptions, check_fast_path
 from dd.models.codebook import nearest_code_indices
-from dd.models.var.generation import PREFIX_ATTENTION, var_generate
+from dd.models.var.generation import PREFIX_ATTENTION, guided_logits, var_generate, var_log_probs
 from dd.models.var.transformer import VARTransformer
-from dd.models.var.vqvae import MultiScaleVQVAE
+from dd.models.var.vqvae import MultiScaleVQVAE, flat_to_scales
 from dd.sampling.choosers import TokenChooser
 from dd.sampling.logits import SamplingConfig
 
@@ -76,6 +79,36 @@ class VARFamily:
                                   end_scale=end_t, prefix=prefix_ids, prefix_attention=self.prefix_attention)
         return result.indices
 
+    @torch.no_grad()
+    def teacher_log_probs(self, labels: torch.Tensor, ids: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+        """One block-causal teacher-forcing pass (``next_scale_loss``'s inputs, CFG-doubled unless cfg = 0, as
+        ``var_generate``), then per scale si the sampler's rule: ``guided_logits`` (the CFG ramp, cond alone at
+        si = 0), temperature, VAR's top-k / top-p, log-softmax. The distributions of ``teacher_generate`` from
+        start_t = 0 (a given prefix read with ``prefix_attention="bidirectional"`` is another distribution)."""
+        teacher = self.teacher
+        batch = labels.shape[0]
+        if ids.shape != (batch, self.sequence_length):
+            raise ValueError(f"ids {tuple(ids.shape)}: expected (B={batch}, L={self.sequence_length})")
+        guided = sampling.cfg_scale != 0  # var_generate doubles the batch for any non-zero cfg
+        conditions = torch.cat([labels, torch.full_like(labels, teacher.null_class)]) if guided else labels
+        was_training = teacher.training
+        teacher.eval()  # no label dropout
+        try:
+            enabled = self.teacher_dtype is not None
+            with torch.autocast(labels.device.type, dtype=self.teacher_dtype or torch.bfloat16, enabled=enabled):
+                inputs = self.tokenizer.indices_to_var_input(flat_to_scales(ids, teacher.patch_nums))
+                if guided:
+                    inputs = torch.cat([inputs, inputs])
+                logits = teacher(conditions, inputs).float()  # (B', L, V): the slots of scale s predict scale s
+        finally:
+            teacher.train(was_training)
+        per_scale = [guided_logits(logits[:, begin:stop], batch, sampling.cfg_scale, si, teacher.num_scales)
+                     for si, (begin, stop) in enumerate(teacher.scale_slices)]
+        return var_log_probs(torch.cat(per_scale, dim=1), sampling)
+
+    def feature_trunk(self) -> torch.nn.Module:
+        return VARFeatureTrunk(self.teacher, self.tokenizer)
+
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, L, Cvae) continuous tokens -> images (B, 3, H, W) in [-1, 1] (differentiable: perceptual losses)."""
         return self.tokenizer.decode_tokens(tokens.float())
@@ -83,3 +116,25 @@ class VARFamily:
     @torch.no_grad()
     def decode_ids(self, ids: torch.Tensor) -> torch.Tensor:
         return self.tokenizer.decode_tokens(self.codebook()[ids])
+
+
+class VARFeatureTrunk(nn.Module):
+    """DD2's AR-diffusion trunk: a trainable copy of the VAR teacher without ``head`` and label dropout, plus a
+    frozen copy of the VQVAE quantizer that builds the teacher-forcing input from ids (as ``next_scale_loss``).
+    ``forward(labels, ids)`` -> (B, L, C): ``head_nm(h, cond)`` at every slot, those of scale s from the labels and
+    scales < s (the last scale's ids are not read). The quantizer's parameters never receive gradients."""
+
+    def __init__(self, teacher: VARTransformer, tokenizer: MultiScaleVQVAE) -> None:
+        super().__init__()
+        model = copy.deepcopy(teacher).requires_grad_(True)
+        model.cond_drop_rate = 0.0
+        del model.head
+        self.model = model
+        self.quantize = copy.deepcopy(tokenizer.quantize).requires_grad_(False)
+        self.patch_nums = model.patch_nums
+        self.feature_dim = teacher.embed_dim
+
+    def forward(self, labels: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            inputs = self.quantize.indices_to_var_input(flat_to_scales(ids, self.patch_nums))
+        return self.model.features(labels, inputs)

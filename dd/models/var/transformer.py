@@ -136,9 +136,20 @@ class VARTransformer(nn.Module):
         """Teacher forcing: labels (B,), x_wo_first (B, L - 1, Cvae) (``idxBl_to_var_input``) -> logits (B, L, V).
 
         Fewer than L - 1 inputs evaluate a prefix of the sequence (the mask is cropped)."""
+        h, cond = self._teacher_forced(labels, x_wo_first)
+        return self.logits(h, cond)
+
+    def features(self, labels: torch.Tensor, x_wo_first: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` without the last linear layer: ``head_nm(h, cond)`` (B, L, C), the input of ``head``
+        (features of scale s depend only on the labels and the scales before s)."""
+        h, cond = self._teacher_forced(labels, x_wo_first)
+        return self.head_nm(h.float(), cond)
+
+    def _teacher_forced(self, labels: torch.Tensor, x_wo_first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The blocks' output (B, L, C) over [sos, word_embed(x_wo_first)] under the block-causal mask, and cond."""
         cond = self.class_condition(labels)
         h = torch.cat([self.sos(cond), self.word_embed(x_wo_first.float())], dim=1)
         length = h.shape[1]
         h = h + self.level_position(0, length)
         bias = self.attn_bias_for_masking[:, :, :length, :length]
-        return self.logits(self.run_blocks(h, cond, bias), cond)
+        return self.run_blocks(h, cond, bias), cond
