@@ -7,14 +7,16 @@ with identical results); rank 0 then writes ``samples.npz``, ``grid.png`` and ``
 (see :mod:`dd.evaluation.outputs`).
 
 Re-running the same command resumes (``resume=auto``, :mod:`dd.evaluation.resume`): finished batches are kept, only
-the missing sample ranges are sampled, and the metrics are recomputed; a folder made with other settings or weights
-is refused unless ``resume=never`` asks to start over.
+the missing sample ranges are sampled, and the metrics are recomputed. ``num_samples`` may grow (the kept samples
+stay, only the new indices are sampled); a smaller one, or a folder made with other settings or weights, is refused
+unless ``resume=never`` asks to start over.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -194,9 +196,10 @@ def _sample(cfg: dict[str, Any], models: EvalModels, sampler: EvalSampler, out: 
 
 # -- resuming ----------------------------------------------------------------------------------------------------
 def resume_settings(cfg: dict[str, Any], sampler: EvalSampler) -> dict[str, Any]:
-    """What determines the samples, compared when a run resumes. Not compared: batch size, devices, fast path,
-    images on/off, metrics and grid settings (how samples are made, stored or scored, not what they are), and file
-    references (the weights' checksums are compared instead, so a moved file still resumes)."""
+    """What determines the samples, compared when a run resumes (``num_samples`` may grow: sample i does not
+    depend on it). Not compared: batch size, devices, fast path, images on/off, metrics and grid settings (how
+    samples are made, stored or scored, not what they are), and file references (the weights' checksums are compared
+    instead, so a moved file still resumes)."""
     model = {key: ({k: v for k, v in value.items() if k not in ("checkpoint", "checkpoint_key")}
                    if isinstance(value, dict) else value) for key, value in cfg["model"].items()}
     return {"model": model, "sampler": sampler.describe(), "num_samples": int(cfg["num_samples"]),
@@ -208,8 +211,8 @@ def resume_settings(cfg: dict[str, Any], sampler: EvalSampler) -> dict[str, Any]
 
 def _refuse(out: Path, err: ResumeMismatchError) -> ConfigError:
     return ConfigError(f"{out} holds samples of another evaluation ({err}). Re-running keeps finished samples only "
-                       f"when nothing that shapes them changed: pass resume=never to discard them and start over, or "
-                       f"output_dir=<another folder>")
+                       f"when nothing that shapes them changed (num_samples may grow): pass resume=never to discard "
+                       f"them and start over, or output_dir=<another folder>")
 
 
 def _open_state(cfg: dict[str, Any], out: Path, settings: dict[str, Any]) -> dict[str, Any]:
@@ -221,10 +224,18 @@ def _open_state(cfg: dict[str, Any], out: Path, settings: dict[str, Any]) -> dic
     try:
         if cfg.get("resume", "auto") == "auto":
             state = resume.read_state(out)
+            if state is not None and not resume.holds_samples(out, state):
+                state = None  # stopped before its first batch (e.g. wandb could not start): nothing to keep
             if state is not None:
-                resume.check_same(state["settings"], settings, "settings")
+                resume.check_same(resume.fixed_settings(state["settings"]), resume.fixed_settings(settings),
+                                  "settings")
     except ResumeMismatchError as err:
         raise _refuse(out, err) from err
+    before = int(state["settings"]["num_samples"]) if state is not None else 0
+    if settings["num_samples"] < before:
+        raise ConfigError(f"num_samples={settings['num_samples']} is fewer than the {before} samples of the "
+                          f"evaluation in {out} (a re-run may add samples, never drop them): pass num_samples="
+                          f"{before} or more, output_dir=<another folder>, or resume=never to start over")
     if state is None:
         outputs.clear_outputs(out)  # a new run, a folder from before eval_state.json, or resume=never
         state = resume.new_state(settings)
@@ -248,14 +259,23 @@ def _check_weights(out: Path, state: dict[str, Any], sums: dict[str, Any]) -> No
     resume.write_state(out, state)
 
 
-def _pending_ranges(cfg: dict[str, Any], out: Path, complete: bool) -> list[tuple[int, int]]:
-    """The batches still to sample (read from disk on every rank: ranks > 0 start after rank 0 prepared the folder
-    and before any rank writes, so all of them see the same parts)."""
+def _take_settings(out: Path, state: dict[str, Any], settings: dict[str, Any]) -> None:
+    """Rank 0, once every check passed: the run now makes this session's samples (a grown ``num_samples``)."""
     from dd.evaluation import resume
 
-    if complete:
-        return []
+    state.setdefault("finished_samples", resume.finished_samples(out, state))  # a state from before the field
+    state["settings"] = settings
+    resume.write_state(out, state)
+
+
+def _pending_ranges(cfg: dict[str, Any], out: Path, state: dict[str, Any] | None) -> list[tuple[int, int]]:
+    """The batches still to sample: neither in ``samples.npz`` of a finished session nor in a part file (read from
+    disk on every rank: ranks > 0 start after rank 0 prepared the folder and before any rank writes, so all of them
+    see the same parts)."""
+    from dd.evaluation import resume
+
     done = resume.done_mask(out, int(cfg["num_samples"]))
+    done[:resume.finished_samples(out, state)] = True
     return resume.missing_ranges(done, int(cfg["batch_size"]))
 
 
@@ -298,18 +318,24 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _collect_samples(cfg: dict[str, Any], out: Path, state: dict[str, Any]) -> Any:
-    """Every sample of the run (rank 0): from ``samples.npz`` when an earlier session finished, else assembled from
-    the part files into a new ``samples.npz``; the state is marked complete with the per-batch records."""
+    """Every sample of the run (rank 0): the samples of a finished earlier session (``samples.npz``) followed by
+    those of the part files, written to a new ``samples.npz`` when there are parts; the state is marked complete
+    with the per-batch records."""
     from dd.evaluation import outputs, resume
 
     num_samples, seed_base = int(cfg["num_samples"]), int(cfg["seed_base"])
-    if resume.samples_complete(out, state):
+    kept = None
+    finished = resume.finished_samples(out, state)
+    if finished:
         images, labels = outputs.open_samples_npz(out / outputs.SAMPLES_FILE)
-        seeds = np.arange(seed_base, seed_base + num_samples, dtype=np.int64)
-        return outputs.AssembledSamples(images, labels.astype(np.int64), seeds, list(state["batches"]))
-    assembled = outputs.assemble_parts(out, num_samples)
+        kept = outputs.AssembledSamples(images[:finished], labels[:finished].astype(np.int64),
+                                        np.arange(seed_base, seed_base + finished, dtype=np.int64),
+                                        list(state["batches"]))
+        if finished == num_samples:
+            return kept
+    assembled = outputs.assemble_parts(out, num_samples, kept=kept)
     outputs.write_samples_npz(out / outputs.SAMPLES_FILE, assembled.images, assembled.labels)
-    state.update(complete=True, batches=resume.batch_records(assembled.batches))
+    state.update(complete=True, finished_samples=num_samples, batches=resume.batch_records(assembled.batches))
     resume.write_state(out, state)
     return assembled
 
@@ -320,13 +346,17 @@ def _evaluate(cfg: dict[str, Any], spec: Any, sampler: EvalSampler, plan: Metric
     from dd.evaluation.report import check_model_evals
 
     out = Path(cfg["output_dir"])
-    state = _open_state(cfg, out, resume_settings(cfg, sampler)) if is_rank_zero() else None
+    settings = resume_settings(cfg, sampler)
+    state = _open_state(cfg, out, settings) if is_rank_zero() else None
     models = build_models(cfg, spec, sampler)
     sums = checksums(cfg, spec, models, sampler)
+    logger = None
     if state is not None:
         _check_weights(out, state, sums)
+        logger = _start_logger(cfg, out)  # no login or no network ends the run here, before any sampling
+        _take_settings(out, state, settings)
         save_resolved_config(out, cfg)  # after the checks: a refused run leaves the folder's config as it was
-    ranges = _pending_ranges(cfg, out, resume.samples_complete(out, state or resume.read_state(out)))
+    ranges = _pending_ranges(cfg, out, state or resume.read_state(out))
     if state is not None:
         outputs.remove_images(out, ranges)
     start = time.perf_counter()
@@ -348,29 +378,36 @@ def _evaluate(cfg: dict[str, Any], spec: Any, sampler: EvalSampler, plan: Metric
     outputs.write_json(out / outputs.METRICS_FILE, payload)
     del assembled
     outputs.remove_intermediates(out)
-    _log_to_logger(cfg, out, payload)
+    _log_to_logger(cfg, out, payload, logger)
     return payload
 
 
-def _log_to_logger(cfg: dict[str, Any], out: Path, payload: dict[str, Any]) -> None:
-    """``logger=wandb`` (or csv): the metrics.json numbers and grid.png, next to the files (rank 0)."""
-    from PIL import Image
-
-    from dd.evaluation.outputs import GRID_FILE
-    from dd.tasks.loggers import log_eval_results, logging_errors, make_logger
+def _start_logger(cfg: dict[str, Any], out: Path) -> Any:
+    """Rank 0: the ``logger=`` logger (None for none), its wandb run started (``dd.tasks.loggers.start_logger``)."""
+    from dd.tasks.loggers import make_logger, start_logger
 
     try:
         logger = make_logger(cfg.get("logger", {"name": "none"}), out, cfg["run_name"], job_type="eval")
     except ValueError as err:
         raise ConfigError(str(err)) from err
+    start_logger(logger, cfg.get("logger", {}).get("name"))
+    return logger
+
+
+def _log_to_logger(cfg: dict[str, Any], out: Path, payload: dict[str, Any], logger: Any) -> None:
+    """``logger=wandb`` (or csv): the metrics.json numbers and grid.png, next to the files (rank 0)."""
+    from PIL import Image
+
+    from dd.evaluation.outputs import GRID_FILE
+    from dd.tasks.loggers import log_eval_results, logging_errors, unavailable_message
+
     if logger is None:
         return
     try:
         log_eval_results(logger, payload, np.asarray(Image.open(out / GRID_FILE).convert("RGB")))
-    except logging_errors() as err:  # the results are on disk: a logger that cannot start costs a warning only
-        reason = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
-        log.warning("results not logged to %s (%s): run `wandb login` or set WANDB_MODE=offline and re-run the "
-                    "command (it re-scores %s without sampling)", cfg["logger"]["name"], reason, out)
+    except logging_errors() as err:  # the results are on disk: a logger that fails now costs a warning only
+        log.warning("results not logged: %s; then re-run the command (it re-scores %s without sampling)",
+                    unavailable_message(cfg["logger"]["name"], err), out)
 
 
 def _log_summary(payload: dict[str, Any]) -> None:
@@ -391,6 +428,7 @@ def main(cfg: DictConfig) -> None:
         cfg.output_dir = hydra_cfg.runtime.output_dir  # each sweep job in its own subfolder
     from dd.runs import exit_cleanly_on_expected_errors
 
+    os.environ.setdefault("WANDB_SILENT", "true")
     with exit_cleanly_on_expected_errors("dd.eval"):
         payload = run(OmegaConf.to_container(cfg, resolve=True))
     if payload:

@@ -83,12 +83,15 @@ def _perceptual(cfg: dict[str, Any], family: Any):
 
 
 def _logger(cfg: dict[str, Any], out: Path):
-    from dd.tasks.loggers import make_logger
+    """The run's logger, its wandb run already started: no login or no network fails here, before training."""
+    from dd.tasks.loggers import make_logger, start_logger
 
     try:
-        return make_logger(cfg["logger"], out, cfg["run_name"], job_type="train") or False
+        logger = make_logger(cfg["logger"], out, cfg["run_name"], job_type="train")
     except ValueError as err:
         raise ConfigError(str(err)) from err
+    start_logger(logger, cfg["logger"]["name"])
+    return logger or False
 
 
 def _sample_grids(cfg: dict[str, Any], family: Any, val: Any):
@@ -125,7 +128,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     spec = instantiate(cfg["model"], _convert_="all")
     _validate(cfg, spec)
     out = Path(cfg["output_dir"])
-    L.seed_everything(int(cfg["seed"]), workers=True)
+    L.seed_everything(int(cfg["seed"]), workers=True, verbose=False)  # no "Seed set" line before an error line
     family = spec.build_family()
     dd2 = _method(cfg) == "dd2"
     if dd2:  # conditional score distillation: no pairs (dd.tasks.dd2)
@@ -142,6 +145,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
                                 int(cfg["num_workers"]), _perceptual(cfg, family), bool(cfg["compile"]),
                                 int(cfg["seed"]))
         schedule = cfg["schedule"]
+    logger = _logger(cfg, out)
     if is_rank_zero():
         save_resolved_config(out, cfg)
     ckpt_dir = out / "checkpoints"
@@ -156,7 +160,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
                                "teacher_sha256": teacher_sha, **extra}, keys=spec.export_keys)
 
     snapshots = StudentSnapshots(out / "export", int(cfg.get("snapshot_every", 0)), export)
-    trainer = L.Trainer(**cfg["trainer"], use_distributed_sampler=False, max_steps=int(cfg["max_steps"]), logger=_logger(cfg, out),
+    trainer = L.Trainer(**cfg["trainer"], use_distributed_sampler=False, max_steps=int(cfg["max_steps"]), logger=logger,
                         callbacks=[checkpoint, *progress, *([] if dd2 else [_sample_grids(cfg, family, val)]), snapshots,
                                    TrainingCurves(out, title=str(cfg["run_name"]))],  # <out>/logs/curves.png
                         val_check_interval=int(cfg["val_every_steps"]),

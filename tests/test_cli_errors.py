@@ -1,5 +1,6 @@
 """The entry points as users type them: an expected error (a wrong setting, a missing or corrupt file, weights not
-available offline) ends in one line naming the fix, exit status 1, no traceback, within seconds."""
+available offline, logger=wandb without login or network) ends in one line naming the fix, exit status 1, no
+traceback and nothing printed before it, within seconds."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ from pathlib import Path
 
 import pytest
 
+import dd.eval as dd_eval
 from dd.generate_pairs import run as run_pairs
+from dd.runs import ConfigError
+from dd.train import run as run_train
 
 from test_pairs import compose_cfg
 
@@ -56,6 +60,8 @@ def assert_clean_failure(result: CliResult, prog: str, *fixes: str) -> None:
     output = result.stdout + result.stderr
     assert result.returncode == 1, output
     assert "Traceback" not in output and "HYDRA_FULL_ERROR" not in output, output
+    assert [line for line in output.splitlines() if line.strip()] == [result.last_line], \
+        f"expected the error line alone (no 'Seed set to' or other info lines before it):\n{output}"
     assert result.last_line.startswith(f"{prog}: "), output
     for fix in fixes:
         assert fix in result.last_line, result.last_line
@@ -110,3 +116,60 @@ def test_train_on_a_corrupt_shard_names_it_and_the_fix(pairs_dir: Path, tmp_path
                      cwd=tmp_path)
     assert_clean_failure(result, "dd.train", str(shard), "re-run generate_pairs")
     assert not (tmp_path / "outputs" / "train" / "gpt_test" / "checkpoints").exists(), "nothing half-written"
+
+
+WANDB_FIXES = ("`wandb login`", "WANDB_MODE=offline", "logger=csv")
+#: a tiny evaluation: random student weights, no metrics
+TINY_EVAL = ("model=gpt_test", "student.checkpoint=random:0", "num_samples=4", "batch_size=4", "metrics.enabled=false")
+
+
+@pytest.fixture
+def wandb_without_login(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Online wandb with no API key anywhere (a fresh HOME: no ~/.netrc); wandb fails before any network access."""
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for name in ("WANDB_API_KEY", "NETRC", "WANDB_CONFIG_DIR", "WANDB_SILENT"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_train_with_wandb_without_login_is_one_line(pairs_dir: Path, tmp_path: Path,
+                                                     wandb_without_login: None) -> None:
+    out = tmp_path / "run"
+    result = run_cli("dd.train", "model=gpt_test", f"data.pairs_dir={pairs_dir}", f"output_dir={out}",
+                     "max_steps=2", "batch_size=4", "logger=wandb", cwd=tmp_path)
+    assert_clean_failure(result, "dd.train", "logger=wandb is unavailable (No API key configured", *WANDB_FIXES)
+    assert not (out / "config.json").exists() and not (out / "checkpoints").exists(), "nothing written"
+
+
+def test_eval_with_wandb_without_login_is_one_line_before_sampling(tmp_path: Path, wandb_without_login: None) -> None:
+    out = tmp_path / "eval"
+    result = run_cli("dd.eval", *TINY_EVAL, f"output_dir={out}", "logger=wandb", cwd=tmp_path)
+    assert_clean_failure(result, "dd.eval", "logger=wandb is unavailable (No API key configured", *WANDB_FIXES)
+    assert not list(out.glob("parts/*")) and not (out / "samples.npz").exists() and not (out / "config.json").exists()
+
+
+def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """wandb.init as it fails without network (after its 90 s init timeout), at once."""
+    import wandb.errors
+    from lightning.pytorch.loggers import WandbLogger
+
+    def unreachable(self: WandbLogger) -> None:
+        raise wandb.errors.CommError("Failed to get resume status for run x: context deadline exceeded\nwhile "
+                                     "retrying: dial tcp: lookup api.wandb.ai: no such host")
+
+    monkeypatch.setattr(WandbLogger, "experiment", property(unreachable))
+
+
+def test_wandb_without_network_ends_train_and_eval_before_any_work(pairs_dir: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    _no_network(monkeypatch)
+    out = tmp_path / "run"
+    expected = r"logger=wandb is unavailable \(Failed to get resume status for run x: context deadline exceeded\): " \
+               r"the wandb server cannot be reached; set WANDB_MODE=offline"
+    with pytest.raises(ConfigError, match=expected):
+        run_train(compose_cfg("train", ["model=gpt_test", f"data.pairs_dir={pairs_dir}", f"output_dir={out}",
+                                        "max_steps=2", "batch_size=4", "logger=wandb"]))
+    assert not out.exists(), "nothing written"
+    with pytest.raises(ConfigError, match=expected):
+        dd_eval.run(compose_cfg("eval", [*TINY_EVAL, f"output_dir={tmp_path / 'eval'}", "logger=wandb"]))
+    assert not list((tmp_path / "eval").glob("parts/*")) and not (tmp_path / "eval" / "samples.npz").exists()

@@ -1,6 +1,7 @@
 """Resuming evaluation runs (dd.evaluation.resume, dd.eval resume=auto|never): an interrupted run finished by a re-run
 writes the same bytes as an uninterrupted one (in-process interruption on both families, kill -9 of the CLI), a
-finished run is re-scored without sampling, other settings or weights are refused before anything is overwritten."""
+finished run is re-scored without sampling or grown to a larger num_samples by sampling the new indices alone, a
+smaller num_samples and other settings or weights are refused before anything is overwritten."""
 
 from __future__ import annotations
 
@@ -210,6 +211,57 @@ def test_resume_with_another_batch_size_covers_every_sample(preset: str, student
     assert np.abs(images.astype(np.int16) - ref_images.astype(np.int16)).max() <= 1
 
 
+@GPT_ONLY
+def test_finished_run_grows_to_a_larger_num_samples(preset: str, student_ckpt: Path, tmp_path: Path,
+                                                    sampled: list[tuple[int, int]]) -> None:
+    """A finished run re-run with a larger num_samples keeps its samples and samples only the new indices; the
+    result is that of a single run with the larger count, byte for byte (the earlier count is on the batch grid).
+    A smaller num_samples is refused: a re-run never drops samples."""
+    out = tmp_path / "grown"
+    dd_eval.run(_cfg(_overrides(out, student_ckpt, NO_METRICS, num_samples=6)))
+    first_images, first_labels = outputs.read_samples_npz(out / outputs.SAMPLES_FILE)
+    first_pngs = {name: data for name, data in _files(out).items() if name.startswith("images/")}
+    assert len(first_pngs) == 6
+    sampled.clear()
+    payload = dd_eval.run(_cfg(_overrides(out, student_ckpt, NO_METRICS, num_samples=12)))
+    assert sampled == [(6, 3), (9, 3)], "only the new samples are sampled"
+    images, labels = outputs.read_samples_npz(out / outputs.SAMPLES_FILE)
+    assert len(images) == len(labels) == 12 and payload["num_samples"] == 12 and payload["seed_range"] == [0, 11]
+    assert np.array_equal(images[:6], first_images) and np.array_equal(labels[:6], first_labels)
+    assert all(_files(out)[name] == data for name, data in first_pngs.items())
+    assert payload["resume"] == {"sessions": 2, "sampled_this_session": 6}
+    assert payload["timing"]["num_batches"] == 4  # the kept batches' timings too
+    reference = dd_eval.run(_cfg(_overrides(tmp_path / "whole", student_ckpt, NO_METRICS, num_samples=12)))
+    assert _files(out) == _files(tmp_path / "whole")
+    assert _comparable(payload) == _comparable(reference)
+    kept = _files(out)
+    with pytest.raises(ConfigError, match="num_samples=6 is fewer than the 12 samples"):
+        dd_eval.run(_cfg(_overrides(out, student_ckpt, NO_METRICS, num_samples=6)))
+    assert _files(out) == kept
+
+
+@GPT_ONLY
+def test_interrupted_growth_resumes_to_the_same_files(preset: str, student_ckpt: Path, tmp_path: Path,
+                                                      sampled: list[tuple[int, int]],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "grown"
+    dd_eval.run(_cfg(_overrides(out, student_ckpt, NO_METRICS, num_samples=6)))
+    with monkeypatch.context() as patch:
+        _interrupt_after(patch, 1)
+        with pytest.raises(_Killed):
+            dd_eval.run(_cfg(_overrides(out, student_ckpt, NO_METRICS, num_samples=12)))
+    assert outputs.part_ranges(out) == [(6, 3)]
+    with pytest.raises(ConfigError, match="num_samples=9 is fewer than the 12 samples"):
+        dd_eval.run(_cfg(_overrides(out, student_ckpt, NO_METRICS, num_samples=9)))
+    sampled.clear()
+    payload = dd_eval.run(_cfg(_overrides(out, student_ckpt, NO_METRICS, num_samples=12)))
+    assert sampled == [(9, 3)]
+    assert payload["resume"] == {"sessions": 3, "sampled_this_session": 3}
+    reference = dd_eval.run(_cfg(_overrides(tmp_path / "whole", student_ckpt, NO_METRICS, num_samples=12)))
+    assert _files(out) == _files(tmp_path / "whole")
+    assert _comparable(payload) == _comparable(reference)
+
+
 def _refuse_model_loading(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("a model was loaded before the settings were checked")
@@ -232,8 +284,9 @@ def test_other_settings_or_weights_are_refused_and_never_starts_over(preset: str
             with pytest.raises(ConfigError) as err:
                 dd_eval.run(_cfg(_overrides(tmp_path, student_ckpt, NO_METRICS, *extra)))
             assert difference in str(err.value) and "resume=never" in str(err.value), str(err.value)
-        with pytest.raises(ConfigError, match="num_samples: before 10, now 12"):
-            dd_eval.run(_cfg(_overrides(tmp_path, student_ckpt, NO_METRICS, num_samples=12)))
+        with pytest.raises(ConfigError, match="num_samples=8 is fewer than the 10 samples") as err:
+            dd_eval.run(_cfg(_overrides(tmp_path, student_ckpt, NO_METRICS, num_samples=8)))
+        assert "num_samples=10 or more" in str(err.value) and "resume=never" in str(err.value)
     # the same settings with other student weights: refused once the weights are loaded
     with pytest.raises(ConfigError, match=r"other weights \(state_dict_sha256\): student: before '[0-9a-f]{8}"):
         dd_eval.run(_cfg(_overrides(tmp_path, "random:5", NO_METRICS)))

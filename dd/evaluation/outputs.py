@@ -97,19 +97,28 @@ class AssembledSamples:
     batches: list[dict[str, Any]]
 
 
-def assemble_parts(directory: Path, num_samples: int, delete_parts: bool = True) -> AssembledSamples:
+def assemble_parts(directory: Path, num_samples: int, delete_parts: bool = True,
+                   kept: AssembledSamples | None = None) -> AssembledSamples:
     """Gather every part file into one memory-mapped array; every index 0..num_samples-1 exactly once.
 
-    Each part is deleted once copied (``delete_parts``): a run killed while assembling samples those parts again
-    when resumed (the rest is kept), and a failed check leaves the run to be repeated anyway."""
+    ``kept``: the first samples, from a finished earlier session (a run whose ``num_samples`` grew); the parts
+    supply the rest. Each part is deleted once copied (``delete_parts``): a run killed while assembling samples
+    those parts again when resumed (the rest is kept), and a failed check leaves the run to be repeated anyway."""
     directory = Path(directory)
     files = [part_path(directory, first, count) for first, count in part_ranges(directory)]
-    if not files:
+    if not files and kept is None:
         raise RuntimeError(f"no sample parts found in {directory / PARTS_DIR}")
     seen = np.zeros(num_samples, dtype=bool)
     labels, seeds = np.full(num_samples, -1, np.int64), np.full(num_samples, -1, np.int64)
     images: np.ndarray | None = None
     batches = []
+    if kept is not None:
+        count = len(kept.labels)
+        images = np.lib.format.open_memmap(directory / "samples_tmp.npy", mode="w+", dtype=np.uint8,
+                                           shape=(num_samples, *kept.images.shape[1:]))
+        images[:count] = kept.images
+        labels[:count], seeds[:count], seen[:count] = kept.labels, kept.seeds, True
+        batches += kept.batches
     for file in files:
         part = torch.load(file, map_location="cpu", weights_only=True)
         index = part["indices"].numpy()

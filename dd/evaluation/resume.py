@@ -1,14 +1,17 @@
 """Resuming an evaluation run: which samples are already on disk, and whether they were made as today's run would.
 
 ``<output_dir>/eval_state.json`` records what determines the samples: the settings (model config without file
-references, sampler, sample count, seeds, labels, numerics), the checksums of the weights that made them, whether the
-run completed and, once it has, the per-batch records (count, timings, #Step) that ``metrics.json`` summarises.
+references, sampler, sample count, seeds, labels, numerics), the checksums of the weights that made them, whether a
+session completed and, once one has, how many samples its ``samples.npz`` holds and their per-batch records (count,
+timings, #Step) that ``metrics.json`` summarises.
 
 Sample i depends only on these and its seed ``seed_base + i`` (:mod:`dd.evaluation.batches`), so a run that stopped
-part-way is finished by sampling the missing indices alone. Missing indices are cut on the batch grid of the current
-``batch_size``: with the batch size of the interrupted run these are exactly the batches an uninterrupted run would
-have sampled, so every output file comes out byte-identical; with another batch size the images agree up to the
-float rounding of batched kernels, as between any two batch sizes.
+part-way is finished by sampling the missing indices alone, and a finished run whose ``num_samples`` grew samples the
+new indices alone (a smaller ``num_samples`` is refused: a re-run never drops samples). Missing indices are cut on the
+batch grid of the current ``batch_size``: with the batch size of the interrupted run these are exactly the batches an
+uninterrupted run would have sampled, so every output file comes out byte-identical (likewise for a grown run whose
+earlier count was a multiple of the batch size); otherwise the images agree up to the float rounding of batched
+kernels, as between any two batch sizes.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ FORMAT_VERSION = 1
 #: ``never``: discard whatever the folder holds and start over
 RESUME_MODES = ("auto", "never")
 _MAX_LISTED_DIFFERENCES = 4
+#: settings a re-run may change: the sample count may grow (sample i does not depend on it)
+GROWABLE_SETTINGS = ("num_samples",)
 
 
 class ResumeMismatchError(ValueError):
@@ -57,7 +62,8 @@ def write_state(directory: Path, state: Mapping[str, Any]) -> Path:
 def new_state(settings: Mapping[str, Any]) -> dict[str, Any]:
     """The state of a run that has sampled nothing yet; its weight checksums are filled in once models are built."""
     return {"format_version": FORMAT_VERSION, "settings": dict(settings), "checksums": None, "complete": False,
-            "batches": None, "created_at": dt.datetime.now().isoformat(timespec="seconds"), "sessions": 0}
+            "finished_samples": 0, "batches": None, "created_at": dt.datetime.now().isoformat(timespec="seconds"),
+            "sessions": 0}
 
 
 def differences(existing: Any, current: Any, prefix: str = "") -> list[str]:
@@ -82,9 +88,22 @@ def check_same(existing: Mapping[str, Any], current: Mapping[str, Any], what: st
         raise ResumeMismatchError(f"its samples were made with other {what}: {listed}{more}")
 
 
-def samples_complete(directory: Path, state: Mapping[str, Any] | None) -> bool:
-    """True when a finished run's ``samples.npz`` holds every sample (the part files are gone by then)."""
-    return bool(state and state.get("complete")) and npz_is_readable(Path(directory) / SAMPLES_FILE)
+def fixed_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings a re-run must keep to resume (all but :data:`GROWABLE_SETTINGS`)."""
+    return {key: value for key, value in settings.items() if key not in GROWABLE_SETTINGS}
+
+
+def finished_samples(directory: Path, state: Mapping[str, Any] | None) -> int:
+    """How many samples (indices 0..n-1) the ``samples.npz`` of the last finished session holds; 0 before any
+    session finished. The part files of those samples are gone by then."""
+    if not (state and state.get("complete")) or not npz_is_readable(Path(directory) / SAMPLES_FILE):
+        return 0
+    return int(state.get("finished_samples", state["settings"]["num_samples"]))  # states from before the field
+
+
+def holds_samples(directory: Path, state: Mapping[str, Any] | None) -> bool:
+    """True when the folder keeps samples of its run: a finished session's or finished batches' (part files)."""
+    return finished_samples(directory, state) > 0 or bool(part_ranges(directory))
 
 
 def done_mask(directory: Path, num_samples: int) -> np.ndarray:

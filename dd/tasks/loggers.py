@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
+from dd.runs import ConfigError
+
 LOGGER_NAMES = ("csv", "wandb", "none")
 
 
@@ -25,8 +27,11 @@ def make_logger(cfg: Mapping[str, Any], save_dir: Path, run_name: str, job_type:
     if kind == "csv":
         return CSVLogger(str(save_dir), name="logs", version="")
     if kind == "wandb":
-        return WandbLogger(project=cfg["project"], save_dir=str(save_dir), name=run_name,
-                           offline=cfg.get("offline", False), job_type=job_type)
+        logger = WandbLogger(project=cfg["project"], save_dir=str(save_dir), name=run_name,
+                             offline=cfg.get("offline", False), job_type=job_type)
+        if logger._wandb_init.get("anonymous") is None:  # wandb warns about the key even when it is None
+            logger._wandb_init.pop("anonymous", None)
+        return logger
     if kind == "none":
         return None
     raise ValueError(f"logger={kind!r}: expected {', '.join(LOGGER_NAMES)}")
@@ -70,6 +75,29 @@ def logging_errors() -> tuple[type[BaseException], ...]:
     except ImportError:
         return ()
     return (WandbError,)
+
+
+def unavailable_message(name: str, err: BaseException) -> str:
+    """The reason a logger's service cannot be used (the error's first line) and the ways out."""
+    from wandb.errors import AuthenticationError, CommError
+
+    reason = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+    no_network = isinstance(err, CommError) and not isinstance(err, AuthenticationError)
+    fix = "the wandb server cannot be reached; " if no_network else "run `wandb login` (or set WANDB_API_KEY), "
+    return (f"logger={name} is unavailable ({reason}): {fix}set WANDB_MODE=offline for a local run folder (upload "
+            f"it later with `wandb sync`), or use logger=csv")
+
+
+def start_logger(logger: Logger | None, name: str) -> None:
+    """Start a wandb run now (rank 0; Lightning would only at ``fit``), so that a missing login or network ends the
+    command in one line before anything is trained, sampled or written (no key: at once; no network: after wandb's
+    init timeout, 90 s)."""
+    if not isinstance(logger, WandbLogger):
+        return
+    try:
+        _ = logger.experiment  # the property calls wandb.init
+    except logging_errors() as err:
+        raise ConfigError(unavailable_message(name, err)) from err
 
 
 def close_logger(logger: Logger | None) -> None:
