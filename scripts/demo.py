@@ -4,6 +4,7 @@
     python scripts/demo.py --models var_tiny     # one family
     python scripts/demo.py --profile long        # more pairs and steps (README: <= 60 minutes on 2 cores)
     python scripts/demo.py --pairs 30000 --steps 6000 --out outputs/demo_custom    # explicit sizes win over a profile
+    python scripts/demo.py --method dd2          # DD2 (conditional score distillation, no pairs): outputs/demo_dd2
 
 Per model: pairs -> training -> evaluation of the teacher, DD 1-step, DD 2-step and teacher-involved sampling with
 the same labels and seeds. With curve points (``--curve-points N``; the long profile: 6) the EMA student is also
@@ -36,6 +37,12 @@ PROFILES = {"default": {"gpt_tiny": {"pairs": 10000, "steps": 800, "batch": 64},
                         "var_tiny": {"pairs": 5000, "steps": 400, "batch": 64}},
             "long": {"gpt_tiny": {"pairs": 20000, "steps": 3000, "batch": 64},
                      "var_tiny": {"pairs": 20000, "steps": 1200, "batch": 64}}}
+#: DD2 (--method dd2, no pairs): steps chosen so that training takes about the CPU time of the DD run of the same
+#: profile end to end (pairs + training), the comparison the README makes
+DD2_PROFILES = {"default": {"gpt_tiny": {"pairs": 0, "steps": 600, "batch": 64},
+                            "var_tiny": {"pairs": 0, "steps": 300, "batch": 64}},
+                "long": {"gpt_tiny": {"pairs": 0, "steps": 2400, "batch": 64},
+                         "var_tiny": {"pairs": 0, "steps": 1000, "batch": 64}}}
 FALLBACK_SIZES = {"pairs": 10000, "steps": 800, "batch": 64}  # presets without a profile entry
 #: points of the quality-against-training-time curve per profile (EMA snapshots evaluated at 1 and 2 steps)
 CURVE_POINTS = {"default": 0, "long": 6}
@@ -43,7 +50,8 @@ CURVE_POINTS = {"default": 0, "long": 6}
 
 def _sizes(args: argparse.Namespace, model: str) -> argparse.Namespace:
     """The profile's sizes for ``model``; --pairs / --steps / --batch given on the command line win."""
-    sizes = PROFILES[args.profile].get(model, FALLBACK_SIZES)
+    profiles = DD2_PROFILES if getattr(args, "method", "dd") == "dd2" else PROFILES
+    sizes = profiles[args.profile].get(model, FALLBACK_SIZES)
     return argparse.Namespace(**{key: getattr(args, key) if getattr(args, key) is not None else value
                                  for key, value in sizes.items()})
 
@@ -108,36 +116,47 @@ def _curve_points(args: argparse.Namespace) -> int:
     return args.curve_points if args.curve_points is not None else CURVE_POINTS[args.profile]
 
 
+def _student_runs(method: str, export: Path) -> dict[str, list[str]]:
+    """The student rows of a method: DD at 1 and 2 steps; DD2 (a one-step generator) at 1 step, every token from
+    the head it was trained on (the schedule its export records)."""
+    if method == "dd2":
+        schedule = json.loads(Path(str(export) + ".json").read_text())["schedule"]
+        return {"DD2 1-step": ["sampler=fewstep", "schedule.t_list=[0]", f"schedule.split_t={schedule['split_t']}"]}
+    return {"DD 1-step": ["sampler=fewstep", "schedule=onestep"], "DD 2-step": ["sampler=fewstep"]}
+
+
 def _quality_curve(model: str, out: Path, export: Path, args: argparse.Namespace, teacher_fid: float | None,
-                   final: dict[str, dict], final_step: int, teacher_steps: int) -> str:
-    """Evaluate every training snapshot at 1 and 2 steps (the final one is the run's own DD rows); the curve PNG
-    and a markdown table."""
+                   final: dict[str, dict], final_step: int, teacher_steps: int) -> tuple[str, list[dict]]:
+    """Evaluate every training snapshot with the method's student rows (the final one is the run's own rows); the
+    curve PNG, a markdown table and the rows."""
     from dd.tasks.curves import plot_lines
     from dd.tasks.snapshots import list_snapshots
 
     rows = []
+    names = list(_student_runs(args.method, export))
     for snapshot in list_snapshots(export.parent):
         info = json.loads(Path(str(snapshot) + ".json").read_text())
         step = int(info["global_step"])
-        fids = {}
-        for name, extra in (("1-step", ["sampler=fewstep", "schedule=onestep"]), ("2-step", ["sampler=fewstep"])):
-            if step == final_step and f"DD {name}" in final:
-                metrics = final[f"DD {name}"]["metrics"]  # the last snapshot is the final export: already evaluated
+        metrics = {}
+        for name, extra in _student_runs(args.method, snapshot).items():
+            if step == final_step and name in final:
+                metrics[name] = final[name]["metrics"]  # the last snapshot is the final export: already evaluated
             else:
-                metrics = _evaluate(model, out, snapshot, f"curve/step{step}_{name}", args.samples, extra)["metrics"]
-            fids[name] = metrics
-        rows.append((step, float(info["train_s"]), fids))
-    lines = {f"DD {n}": [(t, f[n]["fid"]) for _, t, f in rows if f[n].get("fid") is not None]
-             for n in ("1-step", "2-step")}
+                folder = f"curve/step{step}_{name.split(' ')[-1]}"
+                metrics[name] = _evaluate(model, out, snapshot, folder, args.samples, extra)["metrics"]
+        rows.append({"step": step, "train_s": float(info["train_s"]), "metrics": metrics})
+    lines = {n: [(r["train_s"], r["metrics"][n]["fid"]) for r in rows if r["metrics"][n].get("fid") is not None]
+             for n in names}
     if teacher_fid is not None and rows:
-        lines[f"teacher ({teacher_steps} steps)"] = [(rows[0][1], teacher_fid), (rows[-1][1], teacher_fid)]
+        lines[f"teacher ({teacher_steps} steps)"] = [(rows[0]["train_s"], teacher_fid), (rows[-1]["train_s"], teacher_fid)]
     plot_lines(lines, out / "quality_curve.png", f"{model}: proxy FID of EMA snapshots", "training seconds")
-    table = ["| step | training s | 1-step FID | 1-step recall | 2-step FID | 2-step recall |", "|---|---|---|---|---|---|"]
-    for step, seconds, f in rows:
-        one, two = f["1-step"], f["2-step"]
-        table.append(f"| {step} | {seconds:.0f} | {one.get('fid', float('nan')):.2f} | {one.get('recall', float('nan')):.3f} | "
-                     f"{two.get('fid', float('nan')):.2f} | {two.get('recall', float('nan')):.3f} |")
-    return "\n".join(table)
+    table = ["| step | training s | " + " | ".join(f"{n} FID | {n} recall" for n in names) + " |",
+             "|---|---|" + "---|---|" * len(names)]
+    for r in rows:
+        cells = " | ".join(f"{r['metrics'][n].get('fid', float('nan')):.2f} | {r['metrics'][n].get('recall', float('nan')):.3f}"
+                           for n in names)
+        table.append(f"| {r['step']} | {r['train_s']:.0f} | {cells} |")
+    return "\n".join(table), rows
 
 
 def run_model(model: str, args: argparse.Namespace, out: Path) -> str:
@@ -149,30 +168,29 @@ def run_model(model: str, args: argparse.Namespace, out: Path) -> str:
     points = _curve_points(args)
     snapshot = [f"snapshot_every={max(size.steps // points, 1)}"] if points > 0 else []
     clock = {"start": time.perf_counter()}
-    run_pairs(_cfg("generate_pairs", [f"model={model}", f"num_pairs={size.pairs}", f"output_dir={out / 'pairs'}"]))
+    if args.method == "dd":  # DD2 needs no pairs
+        run_pairs(_cfg("generate_pairs", [f"model={model}", f"num_pairs={size.pairs}", f"output_dir={out / 'pairs'}"]))
     clock["pairs"] = time.perf_counter()
-    summary = run_train(_cfg("train", [f"model={model}", f"data.pairs_dir={out / 'pairs' / 'pairs'}",
+    summary = run_train(_cfg("train", [f"model={model}", f"method={args.method}",
+                                       f"data.pairs_dir={out / 'pairs' / 'pairs'}",
                                        f"output_dir={out / 'train'}", f"max_steps={size.steps}",
                                        f"batch_size={size.batch}", f"val_every_steps={max(size.steps // 4, 1)}",
                                        f"ckpt_every={max(size.steps // 2, 1)}", *snapshot, *args.train_overrides]))
     clock["train"] = time.perf_counter()
     export = Path(summary["export"])
-    start = _teacher_start(model, args.teacher_start)
-    runs = {
-        "teacher": ["sampler=teacher"],
-        "DD 1-step": ["sampler=fewstep", "schedule=onestep"],
-        "DD 2-step": ["sampler=fewstep"],
-        f"teacher-involved s={start}": ["sampler=teacher_involved", f"teacher_start_t={start}"],
-    }
+    runs = {"teacher": ["sampler=teacher"], **_student_runs(args.method, export)}
+    if args.method == "dd":
+        start = _teacher_start(model, args.teacher_start)
+        runs[f"teacher-involved s={start}"] = ["sampler=teacher_involved", f"teacher_start_t={start}"]
     results = {}
     for name, extra in runs.items():
         folder = name.split(" ")[0].lower() + "_" + name.split(" ")[-1].replace("=", "")
         results[name] = (folder, _evaluate(model, out, export, folder, args.samples, extra))
     clock["eval"] = time.perf_counter()
-    curve = ""
+    curve, curve_rows = "", []
     if points > 0:
         teacher_fid = results["teacher"][1]["metrics"].get("fid")
-        curve_table = _quality_curve(model, out, export, args, teacher_fid, {n: p for n, (_, p) in results.items()},
+        curve_table, curve_rows = _quality_curve(model, out, export, args, teacher_fid, {n: p for n, (_, p) in results.items()},
                                      size.steps, results["teacher"][1]["steps"])
         clock["curve"] = time.perf_counter()
         curve = (f"quality against training time (EMA snapshots; {clock['curve'] - clock['eval']:.0f} s to "
@@ -180,14 +198,18 @@ def run_model(model: str, args: argparse.Namespace, out: Path) -> str:
     lines = ["| sampler | #Step | FID (classifier features) | IS | precision | recall | label accuracy | ms / image |",
              "|---|---|---|---|---|---|---|---|"]
     lines += [_row(name, payload) for name, (_, payload) in results.items()]
-    timing = (f"profile {args.profile}: pairs {clock['pairs'] - clock['start']:.0f} s ({size.pairs} pairs), training "
+    pairs = f"pairs {clock['pairs'] - clock['start']:.0f} s ({size.pairs} pairs)" if args.method == "dd" else "no pairs"
+    timing = (f"method {args.method}, profile {args.profile}: {pairs}, training "
               f"{clock['train'] - clock['pairs']:.0f} s ({size.steps} steps of {size.batch}), evaluation "
               f"{clock['eval'] - clock['train']:.0f} s ({args.samples} samples per sampler); total "
               f"{clock['eval'] - clock['start']:.0f} s")
     table = "\n".join(lines)
     curves = "training curves (loss terms, held-out token accuracy per t): ![](train/logs/curves.png)"
     (out / "results.md").write_text(table + "\n\n" + timing + "\n\n" + curve + curves + "\n\n![](comparison.png)\n")
-    (out / "results.json").write_text(json.dumps({n: p for n, (_, p) in results.items()}, indent=2, default=str))
+    seconds = {"pairs_s": clock["pairs"] - clock["start"], "train_s": clock["train"] - clock["pairs"],
+               "eval_s": clock["eval"] - clock["train"]}
+    (out / "results.json").write_text(json.dumps({**{n: p for n, (_, p) in results.items()}, "method": args.method,
+                                                  "seconds": seconds, "curve": curve_rows}, indent=2, default=str))
     grid = _comparison(out, [(name, folder) for name, (folder, _) in results.items()])
     return (f"### {model}\n\n{table}\n\n{timing}\n\n{curve}comparison grid: {grid}\n\n"
             f"training curves: {out / 'train' / 'logs' / 'curves.png'}\n")
@@ -205,6 +227,9 @@ def main() -> None:
     parser.add_argument("--train-override", dest="train_overrides", action="append", default=[],
                         help="extra dd.train override, repeatable (e.g. --train-override optim.lr=1e-3)")
     parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument("--method", choices=("dd", "dd2"), default="dd",
+                        help="dd: pairs + pair regression (1-step, 2-step, teacher-involved rows); dd2: conditional "
+                             "score distillation, no pairs (1-step row); sizes from the profile (DD2_PROFILES)")
     parser.add_argument("--curve-points", type=int, default=None,
                         help="EMA snapshots evaluated at 1 and 2 steps for quality_curve.png (default: the profile's: "
                              "default 0, long 6)")
@@ -213,7 +238,8 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="output folder (default: outputs/demo, outputs/demo_long)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args()
-    args.out = args.out or ("outputs/demo" if args.profile == "default" else f"outputs/demo_{args.profile}")
+    suffix = "" if args.method == "dd" else f"_{args.method}"
+    args.out = args.out or (f"outputs/demo{suffix}" if args.profile == "default" else f"outputs/demo{suffix}_{args.profile}")
     if args.threads:
         import torch
 

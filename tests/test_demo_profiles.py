@@ -42,3 +42,12 @@ def test_tiny_presets_train_with_the_study_recipe_and_others_keep_theirs() -> No
     assert compose_cfg("train", ["model=var_tiny"])["optim"]["lr"] == 2e-3
     assert compose_cfg("train", ["model=gpt_b"])["optim"]["lr"] == 3e-4
     assert compose_cfg("train", ["model=gpt_tiny", "optim.lr=1e-4"])["optim"]["lr"] == 1e-4
+
+
+def test_dd2_method_uses_its_own_profiles_without_pairs() -> None:
+    args = _args("default")
+    args.method = "dd2"
+    for model in ("gpt_tiny", "var_tiny"):
+        size = demo._sizes(args, model)
+        assert size.pairs == 0 and size.steps == demo.DD2_PROFILES["default"][model]["steps"]
+    assert sorted(demo.DD2_PROFILES) == sorted(demo.PROFILES)
