@@ -6,8 +6,8 @@ AR-diffusion model built from the teacher's trunk). Per batch of (label, noise) 
 
 1. the first ``gts_steps`` batches initialise the guidance network by regressing the analytic teacher denoiser
    (GTS) on tokens drawn from the teacher's own per-position distributions given the generator's prefixes;
-2. afterwards each batch makes ``fake_updates`` guidance updates (score matching on the generator's detached
-   tokens) and one generator update (conditional score distillation), then updates the generator's EMA.
+2. afterwards each batch makes one generator update (conditional score distillation) and the generator's EMA
+   update, then ``fake_updates`` guidance updates (score matching on the same generated tokens, detached).
 
 Exactly one Lightning-wrapped optimizer step happens per batch (the guidance network's in phase 1, the generator's
 in phase 2; the guidance steps of phase 2 call the raw optimizer), so ``trainer.global_step`` counts batches and
@@ -172,12 +172,6 @@ class DD2Task(L.LightningModule):
         dd2_step = step - cfg.gts_steps
         self._warmup(fake_opt.optimizer, cfg.lr_fake, dd2_step)
         self._warmup(gen_opt.optimizer, cfg.lr_generator, dd2_step)
-        for _ in range(cfg.fake_updates):  # guidance network <- score of the generator's current samples
-            with torch.no_grad():
-                sample = self._sample(labels, noise)
-            s, eps = self._levels(shape, generator)
-            fake_loss = fake_score_loss(self.fake, labels, sample.ids, sample.q, s, eps)
-            self._update(fake_opt.optimizer, fake_loss, self.fake.parameters())  # raw: not a Lightning step
         sample = self._sample(labels, noise)
         s, eps = self._levels(shape, generator)
         with torch.no_grad():
@@ -188,6 +182,10 @@ class DD2Task(L.LightningModule):
         terms = generator_loss(sample.q, s, eps, teacher_d, fake_d, cfg.normalize)
         self._update(gen_opt, terms.loss, self.student.parameters())
         self.ema.update(self.student)
+        for _ in range(cfg.fake_updates):  # guidance network <- score of the generator's samples (this batch's)
+            s, eps = self._levels(shape, generator)
+            fake_loss = fake_score_loss(self.fake, labels, sample.ids, sample.q.detach(), s, eps)
+            self._update(fake_opt.optimizer, fake_loss, self.fake.parameters())  # raw: not a Lightning step
         self.log_dict({"train/loss": terms.loss.detach(), "train/dd2_fake": fake_loss.detach(),
                        "train/dd2_signal": terms.grad_norm, "train/teacher_nll": teacher_nll(log_probs, sample.ids)},
                       prog_bar=True, on_step=True, on_epoch=False, batch_size=labels.shape[0])
