@@ -314,6 +314,21 @@ def test_flow_map_chunks_and_vocab_streaming_compile_too(fast_compile: None) -> 
     torch.testing.assert_close(fast.endpoint, eager.endpoint, atol=1e-5, rtol=1e-5)
 
 
+def test_compiled_support_restricted_flow_map_gives_the_eager_tokens(fast_compile: None) -> None:
+    """The compiled solve takes the support-restricted form too (``support="auto"`` compacts supports <= V/4); the
+    support width changes from call to call: one more compile (dynamic), then reused."""
+    for rows, keep in (((4,), 8), ((2, 9), 12), ((3, 16), 5), ((2, 4), 16)):
+        noise, log_probs, codebook = _flow_case(rows, 64, 8, seed=rows[-1] + keep)
+        kth = log_probs.topk(keep, dim=-1).values[..., -1:]
+        log_probs = log_probs.masked_fill(log_probs < kth, float("-inf"))  # top-k (normalisation is irrelevant)
+        config = FlowMapConfig(num_steps=12)
+        dense = map_noise_to_tokens(noise, log_probs, codebook, dataclasses.replace(config, support="dense"))
+        eager = map_noise_to_tokens(noise, log_probs, codebook, config)
+        fast = map_noise_to_tokens(noise, log_probs, codebook, dataclasses.replace(config, fast_path="compile"))
+        assert torch.equal(eager.indices, dense.indices) and torch.equal(fast.indices, eager.indices)
+        torch.testing.assert_close(fast.endpoint, eager.endpoint, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("preset", PRESETS)
 def test_pairs_with_every_cpu_fast_path_are_the_eager_pairs(preset: str, fast_compile: None) -> None:
     """Pair generation end to end: compiled teacher decode and compiled flow map give the eager pairs."""
@@ -600,6 +615,21 @@ def test_pairs_benchmark_times_flow_fast_paths(tmp_path, monkeypatch, fast_compi
     bench.main()
     rows = [line for line in out.read_text().splitlines() if line.startswith(("| eager", "| compile"))]
     assert len(rows) == 6 and rows[2].startswith("| eager | dpmpp_2m 10 steps (uniform) [flow compile] |")
+
+
+def test_pairs_benchmark_times_dense_and_support_restricted_flow_maps(tmp_path, monkeypatch) -> None:
+    import sys
+
+    bench = _load_script("bench_pairs", monkeypatch)
+    out = tmp_path / "pairs.md"
+    monkeypatch.setattr(sys, "argv", ["bench_pairs.py", "--preset", "gpt_test", "--batch", "2", "--repeats", "1",
+                                      "--top-k", "8", "--settings", "dpmpp_2m:4", "--supports", "dense,auto",
+                                      "--out", str(out)])
+    bench.main()
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| eager")]
+    assert [row.split(" | ")[1] for row in rows] == [
+        "multinomial", "dpmpp_2m 4 steps (uniform) [support dense]", "dpmpp_2m 4 steps (uniform) [support auto]"]
+    assert "top-k 8," in out.read_text()
 
 
 # -- scripts/device_check.sh ---------------------------------------------------------------------------------------------

@@ -314,6 +314,7 @@ def test_time_grids():
         dict(chunk_size=0),
         dict(vocab_chunk_size=0),
         dict(compute_dtype="float16"),
+        dict(support="sparse"),
     ],
 )
 def test_bad_config_raises(kwargs):
@@ -331,3 +332,159 @@ def test_config_is_frozen_and_nfe():
         cfg.num_steps = 3  # type: ignore[misc]
     assert FlowMapConfig(solver="heun", num_steps=10).num_evaluations == 19
     assert FlowMapConfig(solver="euler", num_steps=10).num_evaluations == 10
+
+
+# --------------------------------------------------------------------------------------------------
+# support restriction (FlowMapConfig.support): the solve over each row's support is the dense solve
+# --------------------------------------------------------------------------------------------------
+
+
+def _support_case(kind: str, style: str, n: int = 48, seed: int = 0):
+    """Noise, log-probs with per-row supports of varying size, codebook. ``top_k``: a top-k of its own per row, 1 to
+    V/4 (the auto rule compacts these); ``top_p``: nucleus 0.9 of rows with temperatures 0.3-3 (support sizes from a
+    handful to ~3/4 V) and one row of support 1; ``mixed``: top-k sizes 1 to V, incl. full-support rows next to
+    support-1 rows."""
+    from dd.sampling.logits import filter_top_k_top_p
+
+    vocab = 512 if kind == "d8_l2" else 256
+    codebook = _codebook(kind, vocab, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    logits = 2.0 * torch.randn(n, vocab, generator=g)
+    if style == "top_p":
+        logits = logits / (0.3 + 2.7 * torch.rand(n, 1, generator=g))
+        logits[0, 7] += 50.0  # one token holds > 0.9 of the mass: support 1
+        logits = filter_top_k_top_p(logits, top_k=0, top_p=0.9)
+    else:
+        high = vocab // 4 if style == "top_k" else vocab
+        sizes = torch.randint(1, high + 1, (n,), generator=g)
+        sizes[:3] = torch.tensor([1, high, 2])
+        if style == "mixed":
+            sizes[3::7] = vocab  # full support, no -inf at all
+        kth = logits.sort(dim=1, descending=True).values.gather(1, (sizes - 1)[:, None])
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    noise = torch.randn(n, codebook.shape[1], generator=g)
+    return noise, torch.log_softmax(logits, dim=1), codebook
+
+
+def _assert_same_map(a: FlowMapResult, b: FlowMapResult, atol: float = 1e-5) -> None:
+    assert torch.equal(a.indices, b.indices)
+    torch.testing.assert_close(a.endpoint, b.endpoint, atol=atol, rtol=atol)
+    torch.testing.assert_close(a.snap_residual, b.snap_residual, atol=atol, rtol=atol)
+
+
+@pytest.mark.parametrize("solver", ["euler", "dpmpp_2m", "heun"])
+@pytest.mark.parametrize("kind", ["d8_l2", "d32_raw"])
+@pytest.mark.parametrize("style", ["top_k", "top_p", "mixed"])
+def test_support_restricted_solve_equals_the_dense_solve(solver, kind, style):
+    noise, lp, c = _support_case(kind, style)
+    sizes = torch.isfinite(lp).sum(dim=1)
+    assert sizes.min().item() == 1 and (style != "mixed" or sizes.max().item() == c.shape[0])
+    for steps in (8, 40):  # an unconverged endpoint (between codes) and a converged one
+        dense = map_noise_to_tokens(noise, lp, c, FlowMapConfig(solver=solver, num_steps=steps, support="dense"))
+        for chunk_size in (4096, 5):  # one chunk, or many chunks of different largest supports
+            for support in ("compact", "auto"):
+                cfg = FlowMapConfig(solver=solver, num_steps=steps, chunk_size=chunk_size, support=support)
+                _assert_same_map(map_noise_to_tokens(noise, lp, c, cfg), dense)
+    # the converged map only produces tokens of the row's support
+    assert bool(torch.isfinite(lp.gather(1, dense.indices[:, None])).all())
+
+
+def test_support_restricted_solve_with_streaming_float64_and_leading_dims():
+    noise, lp, c = _support_case("d32_raw", "mixed", n=60, seed=3)
+    for extra in (dict(vocab_chunk_size=37), dict(vocab_chunk_size=37, chunk_size=7), dict(compute_dtype="float64")):
+        atol = 1e-9 if extra.get("compute_dtype") == "float64" else 1e-5
+        dense = map_noise_to_tokens(noise, lp, c, FlowMapConfig(num_steps=12, support="dense", **extra))
+        compact = map_noise_to_tokens(noise, lp, c, FlowMapConfig(num_steps=12, support="compact", **extra))
+        _assert_same_map(compact, dense, atol)
+    shaped = map_noise_to_tokens(noise.reshape(4, 15, -1), lp.reshape(4, 15, -1), c,
+                                 FlowMapConfig(num_steps=12, support="compact"))
+    flat = map_noise_to_tokens(noise, lp, c, FlowMapConfig(num_steps=12, support="dense"))
+    assert shaped.indices.shape == (4, 15)
+    assert torch.equal(shaped.indices.reshape(-1), flat.indices)
+    one = map_noise_to_tokens(noise[1], lp[1], c, FlowMapConfig(num_steps=12, support="compact"))
+    assert one.indices.shape == () and one.indices.item() == flat.indices[1].item()
+
+
+def test_support_indices_list_each_rows_support_then_zero_weight_padding():
+    from dd.flow.token_map import _support_indices
+
+    lp = torch.full((3, 6), -math.inf)
+    lp[0, [1, 4]] = torch.tensor([-0.5, -1.0])
+    lp[1, 3] = 0.0
+    lp[2] = torch.log_softmax(torch.arange(6.0), 0)  # full support
+    columns, values = _support_indices(lp, 6)
+    assert columns[0, :2].tolist() == [1, 4] and columns[1, :1].tolist() == [3]
+    assert columns[2].tolist() == list(range(6))
+    assert torch.equal(values, lp.gather(1, columns).masked_fill(torch.arange(6) >= torch.tensor([[2], [1], [6]]),
+                                                                   -math.inf))
+    assert values[0, 2:].eq(-math.inf).all() and values[1, 1:].eq(-math.inf).all()
+
+
+def test_auto_support_compacts_exactly_the_chunks_with_small_supports(monkeypatch):
+    """``auto`` restricts a chunk when its largest support is <= AUTO_SUPPORT_FRACTION x V, ``dense`` never,
+    ``compact`` always (also when a row has full support); memory of a restricted block stays bounded."""
+    from dd.flow import token_map
+
+    calls: list[tuple[int, int]] = []
+    original = token_map._support_indices
+
+    def spy(log_probs, k):
+        calls.append((log_probs.shape[0], k))
+        return original(log_probs, k)
+
+    monkeypatch.setattr(token_map, "_support_indices", spy)
+    noise, lp, c = _support_case("d8_l2", "top_k", n=20)  # supports 1..128 of 512: every chunk <= V/4
+    lp[10:15] = torch.log_softmax(torch.randn(5, 512), dim=1)  # chunk 2 (rows 10-14) has full support
+    k_max = [int(torch.isfinite(lp[i : i + 5]).sum(1).max()) for i in range(0, 20, 5)]
+    assert k_max[2] == 512 and max(k_max[0], k_max[1], k_max[3]) <= token_map.AUTO_SUPPORT_FRACTION * 512
+
+    def blocks(chunks: list[int]) -> list[tuple[int, int]]:  # (rows, k) of every restricted block of 5-row chunks
+        rows = [token_map._block_rows(FlowMapConfig(chunk_size=5), k_max[i], 512, "cpu") for i in chunks]
+        return [(min(r, 5 - j), k_max[i]) for i, r in zip(chunks, rows) for j in range(0, 5, r)]
+
+    assert blocks([2]) == [(1, 512)] * 5  # full support: split by the memory bound (V + 8 V > 2 V a row)
+    for support, expected in (("dense", []), ("auto", blocks([0, 1, 3])), ("compact", blocks([0, 1, 2, 3]))):
+        calls.clear()
+        map_noise_to_tokens(noise, lp, c, FlowMapConfig(num_steps=3, chunk_size=5, support=support))
+        assert calls == expected, support
+    # rows x (V + 8 k) <= 2 x chunk_size x V: a full-support compact chunk is split, a small-support one is not;
+    # on CPU every solve (dense too) runs blocks of <= 2**19 logits (cache)
+    rows = token_map._block_rows
+    cfg = FlowMapConfig(chunk_size=4096)
+    assert rows(cfg, 4096, 4096, "cuda") == 2 * 4096 // 9 and rows(cfg, 400, 4096, "cuda") == 4096
+    assert rows(cfg, None, 4096, "cuda") == 4096 and rows(cfg, None, 4096, "cpu") == rows(cfg, 400, 4096, "cpu") == 128
+    streaming = FlowMapConfig(chunk_size=4096, vocab_chunk_size=64)
+    assert rows(streaming, 900, 4096, "cuda") == 2 * 4096 * 64 // (4096 + 8 * 900)
+    assert rows(streaming, None, 2**20, "cpu") == 4096  # streaming dense: (rows, 64) logits blocks
+    assert rows(FlowMapConfig(chunk_size=4096, vocab_chunk_size=1024), None, 2**20, "cpu") == 2**19 // 1024
+    assert rows(FlowMapConfig(chunk_size=1), 10**6, 10**6, "cuda") == rows(cfg, None, 2**20, "cpu") == 1
+
+
+def test_cuda_graph_solves_dense_and_refuses_a_forced_compact(monkeypatch):
+    from dd.flow import token_map
+
+    with pytest.raises(ValueError, match="support='compact' cannot run on fast_path='cuda_graph'"):
+        FlowMapConfig(support="compact", fast_path="cuda_graph")
+    monkeypatch.setattr(token_map, "require_cuda_graphs", lambda *args, **kwargs: None)  # CPU-only machines
+    graphed = FlowMapConfig(fast_path="cuda_graph")
+    assert graphed.support == "auto" and not token_map._compacts(graphed, 1, 4096)
+    assert token_map._compacts(FlowMapConfig(), 1024, 4096) and not token_map._compacts(FlowMapConfig(), 1025, 4096)
+    assert token_map._compacts(FlowMapConfig(support="compact"), 4096, 4096)
+    assert not token_map._compacts(FlowMapConfig(support="dense"), 1, 4096)
+
+
+def test_support_benchmark_script_times_both_forms(monkeypatch, capsys):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_flow_support.py"
+    spec = importlib.util.spec_from_file_location("bench_flow_support", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(sys, "argv", ["bench_flow_support.py", "--shapes", "256x8:6,128x32:5", "--fractions",
+                                      "0.05,0.25", "--steps", "6", "--repeats", "1"])
+    module.main()
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 256 x 8") or
+            line.startswith("| 128 x 32")]
+    assert len(rows) == 4 and all(row.endswith("| yes |") for row in rows)

@@ -180,6 +180,43 @@ def test_resume_skips_complete_shards_and_repairs_damage(preset: str, reference_
     assert torch.equal(_all_indices(pairs), _all_indices(reference_run))
 
 
+@pytest.mark.parametrize("preset", PRESETS)
+def test_support_restricted_flow_map_gives_the_dense_pairs(preset: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Teacher sampling with top-k 12 and top-p 0.9 of V = 64: the default flow map (``support=auto``) solves every
+    position (gpt_test) / scale (var_test) over the supports only, and the pairs are the dense solve's."""
+    from dd.flow import token_map
+
+    cfg = compose_cfg("generate_pairs", [f"model={preset}"])
+    spec = build_spec(cfg)
+    family = spec.build_family()
+    sampling = replace(spec.sampling, top_k=12, top_p=0.9)
+    seeds = sample_seeds(0, 0, 6)
+    labels = make_labels(seeds, family.num_classes, "balanced", range(6))
+    widths: list[int] = []
+    original = token_map._support_indices
+    monkeypatch.setattr(token_map, "_support_indices", lambda lp, k: widths.append(k) or original(lp, k))
+    flow = FlowMapConfig(**cfg["flow"])
+    assert flow.support == "auto"
+    restricted = generate_pair_batch(family, seeds, labels, sampling, flow)
+    assert len(widths) == family.num_timesteps and 1 <= min(widths) and max(widths) <= 12
+    dense = generate_pair_batch(family, seeds, labels, sampling, replace(flow, support="dense"))
+    assert len(widths) == family.num_timesteps  # the dense run never gathers
+    assert torch.equal(restricted.indices, dense.indices)
+    torch.testing.assert_close(restricted.max_snap_residual, dense.max_snap_residual, atol=1e-5, rtol=1e-4)
+
+
+def test_pair_directories_resume_across_flow_supports() -> None:
+    """``flow.support`` changes how the map runs, not the pairs: a directory resumes with another setting (also one
+    written before the setting existed)."""
+    from dataclasses import asdict
+
+    existing = {"flow": asdict(FlowMapConfig()), "seed_base": 0}
+    del existing["flow"]["support"]
+    check_settings_match(existing, {"flow": asdict(FlowMapConfig(support="dense")), "seed_base": 0})
+    check_settings_match({"flow": asdict(FlowMapConfig(support="compact")), "seed_base": 0},
+                         {"flow": asdict(FlowMapConfig()), "seed_base": 0})
+
+
 def test_resume_with_other_settings_is_refused(reference_run: Path) -> None:
     existing = read_manifest(reference_run)
     with pytest.raises(PairFormatError, match="other settings.*seed_base"):

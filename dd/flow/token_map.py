@@ -38,6 +38,16 @@ logits reduce to ``log p`` and ``c_hat(x, 1) = E_p[c]``.
 The returned token is the nearest codebook row (squared L2, lowest index on ties) of the ODE endpoint;
 ``snap_residual`` is the distance to it (≈ 0 when the solver is converged, see ``docs/flow_map_study.md``).
 
+Support restriction (``FlowMapConfig.support``): a code with ``log p_k = -inf`` (filtered by top-k / top-p) has
+posterior weight exactly 0 at every t, so it contributes nothing to ``c_hat``. When the largest support ``k`` of a
+row chunk is small, each row's solve runs over its own support only: the distance terms come from the same
+``(n, d + 1) x (d + 1, V)`` matmul, gathered at the row's support columns and added to its log-probs there (rows
+with a smaller support are padded to ``k`` with log-prob ``-inf``: weight exactly 0), the softmax runs over ``k``
+entries and the weighted sum is an ``embedding_bag`` over the support rows of the codebook. Same ODE, same logits;
+only the rounding of sums differs (endpoints equal within float rounding, same tokens in practice). The endpoint is
+snapped over the **whole** codebook in both forms, as the dense solve always did, so even an unconverged endpoint
+(between codes) gets the dense solve's token.
+
 Everything here is pure torch, deterministic, device-agnostic (runs wherever ``noise`` lives) and has
 no lightning/hydra dependency.
 """
@@ -49,6 +59,7 @@ from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from dd.acceleration import FAST_PATHS, CompileOptions, CudaGraphCallable, compile_callable, full_precision
@@ -69,6 +80,16 @@ __all__ = [
 
 SOLVERS = ("euler", "dpmpp_2m", "heun")
 TIME_GRIDS = ("uniform", "quadratic", "power")
+SUPPORTS = ("auto", "dense", "compact")
+#: ``support="auto"`` solves a row chunk over the rows' supports when its largest support is at most this fraction of
+#: the codebook (``scripts/bench_flow_support.py`` on this project's CPU, ``docs/flow_map_study.md``: at 0.25 V the
+#: restricted solve takes 0.81-0.85 (8-d codebook, V = 16384) / 0.71 (32-d, V = 4096) of the dense time; it breaks
+#: even at ~0.35 V / ~0.5 V)
+AUTO_SUPPORT_FRACTION = 0.25
+#: on CPU a solve runs row blocks of at most this many logits per step (2**19 floats = 2 MB, e.g. 128 rows for
+#: V = 4096), so that they stay in cache: measured 1.3x (V = 4096, d = 32, 1024 rows) to 1.7x (V = 16384, d = 8,
+#: 256 rows) faster than one block (dense; 1.4x / 1.7x support-restricted)
+_CPU_BLOCK = 2**19
 _COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -89,9 +110,12 @@ class FlowMapConfig:
             near the data end t = 0) or ``"power"`` (``t_i = (1 - i/n)^grid_power``).
         grid_power: exponent of the ``"power"`` grid (> 0; ignored by the other grids).
         chunk_size: rows (tokens) integrated at once; peak memory ≈ ``chunk_size * V`` floats
-            (times ``vocab_chunk_size / V`` when column streaming is on).
+            (times ``vocab_chunk_size / V`` when column streaming is on). A support-restricted chunk is split
+            further so that it never needs more memory than the dense one (rows x (V + 8 k) floats <= 2 x that);
+            on CPU every chunk is also solved in blocks of at most 2**19 logits a step (``2**19 // V`` rows: cache).
         vocab_chunk_size: if set (and < V), the softmax over the codebook is computed in column blocks
-            of this size with an online (streaming) softmax, so huge ``V`` fits in memory.
+            of this size with an online (streaming) softmax, so huge ``V`` fits in memory. (The support-restricted
+            solve does not stream: it bounds its memory by solving fewer rows at once.)
         compute_dtype: ``"float32"`` (default) or ``"float64"``; inputs of any floating dtype
             (incl. float16/bfloat16) are upcast to it. The solve runs with autocast switched off, so a caller's
             bf16 autocast (Lightning ``bf16-mixed``, ``teacher_dtype``) never lowers it.
@@ -102,6 +126,17 @@ class FlowMapConfig:
             a position costs one graph launch instead of ~4 kernels x steps; CUDA only). An execution setting:
             pairs are the same indices as eager (endpoints equal within float rounding; see
             ``tests/test_fast_paths.py``), so it is not part of a pair directory's identity.
+        support: which codes a row's solve runs over. ``"dense"``: all V codes. ``"compact"``: only the row's
+            support (its finite log-probs), every row chunk padded to its largest support ``k``; codes with
+            ``p = 0`` have posterior weight exactly 0, so this is the same ODE (endpoints equal within float
+            rounding, same tokens in practice; the snap stays over the whole codebook). ``"auto"`` (default):
+            compact for a chunk whose largest support is <= ``AUTO_SUPPORT_FRACTION`` (0.25) x V, dense otherwise.
+            Measured on CPU (``docs/flow_map_study.md``): VAR-d16's top-k 900 / top-p 0.95 of 4096 is compacted
+            (solves ~1.5x faster; pair-generation overhead +7.6% -> +4.9%); LlamaGen's top-k 8000 of 16384 (49 %)
+            stays dense, where the compact form is 1.2-1.3x slower (it still pays the full distance matmul). The
+            ``"cuda_graph"`` fast path always solves dense (a captured graph needs fixed shapes, and ``k`` changes
+            from position to position), so ``"compact"`` cannot be combined with it; ``"compile"`` takes both
+            forms. An execution setting like ``fast_path``: not part of a pair directory's identity.
 
     The defaults (DPM-Solver++(2M), 100 steps, uniform grid) were chosen with ``scripts/flow_map_study.py``
     (see ``docs/flow_map_study.md``): the cheapest setting with token frequencies within sampling noise of ``p``
@@ -116,6 +151,7 @@ class FlowMapConfig:
     vocab_chunk_size: Optional[int] = None
     compute_dtype: str = "float32"
     fast_path: str = "eager"
+    support: str = "auto"
 
     def __post_init__(self) -> None:
         if self.solver not in SOLVERS:
@@ -142,6 +178,12 @@ class FlowMapConfig:
             )
         if self.fast_path not in FAST_PATHS:
             raise ValueError(f"FlowMapConfig.fast_path must be one of {FAST_PATHS}, got {self.fast_path!r}")
+        if self.support not in SUPPORTS:
+            raise ValueError(f"FlowMapConfig.support must be one of {SUPPORTS}, got {self.support!r}")
+        if self.support == "compact" and self.fast_path == "cuda_graph":
+            raise ValueError("FlowMapConfig.support='compact' cannot run on fast_path='cuda_graph' (captured graphs "
+                             "need fixed shapes, the support size changes per position); use support='auto' "
+                             "(dense under CUDA graphs) or fast_path='compile'")
         if self.fast_path == "cuda_graph":
             require_cuda_graphs("FlowMapConfig.fast_path='cuda_graph'")
 
@@ -252,20 +294,29 @@ class _Codebook(NamedTuple):
 
 
 def _posterior_mean_rows(
-    x: Tensor, t: float, log_probs: Tensor, cb: _Codebook, vocab_chunk_size: Optional[int]
+    x: Tensor, t: float, log_probs: Tensor, cb: _Codebook, vocab_chunk_size: Optional[int],
+    support: Optional[Tensor] = None,
 ) -> Tensor:
-    """``c_hat`` for one row chunk; x (n, d), log_probs (n, V), both in the compute dtype."""
+    """``c_hat`` for one row chunk; x (n, d), log_probs (n, V), both in the compute dtype. With ``support`` (n, k)
+    int64, every row's support columns (see :func:`_support_indices`), ``log_probs`` (n, k) are the log-probs at
+    those columns (-inf at the padding)."""
     a = 1.0 - t
     alpha = a / (t * t)  # coefficient of x.c_k
     beta = -0.5 * a * a / (t * t)  # coefficient of ||c_k||^2
     V = cb.c.shape[0]
     vb = V if vocab_chunk_size is None or vocab_chunk_size >= V else vocab_chunk_size
 
-    if vb == V:  # single block: one affine matmul + fused softmax + matmul (3 passes over the (n, V) block)
+    if support is not None or vb == V:
         # [alpha * x, beta] @ [c^T; ||c||^2] folds both distance terms into one addmm
         x_aug = torch.cat([x * alpha, x.new_full((x.shape[0], 1), beta)], dim=1)
+        if support is not None:  # the same logits at the k support columns; softmax and weighted sum over k only
+            logits = torch.mm(x_aug, cb.ct_aug).gather(1, support).add_(log_probs)
+            weights = torch.softmax(logits, dim=1)  # padding (-inf) gets weight exactly 0
+            return F.embedding_bag(support, cb.c, mode="sum", per_sample_weights=weights)
         logits = torch.addmm(log_probs, x_aug, cb.ct_aug)
-        return torch.softmax(logits, dim=1) @ cb.c  # -inf entries get weight exactly 0
+        # single block: one affine matmul + fused softmax + matmul (3 passes over the (n, V) block); the weighted sum
+        # reads the codebook as (d, V) (C^T transposed back): 2-2.5x faster than (V, d) for d = 8 on MKL, same for 32
+        return torch.mm(torch.softmax(logits, dim=1), cb.ct.t())  # -inf entries get weight exactly 0
 
     # column streaming (online softmax): running max m, running sum s, running numerator acc
     n = x.shape[0]
@@ -353,13 +404,14 @@ def _lambda(t: float) -> float:
 
 
 def _integrate_rows(x: Tensor, log_probs: Tensor, cb: _Codebook, solver: str, vocab_chunk_size: Optional[int],
-                    ts: list[float]) -> Tensor:
-    """Run the solver for one row chunk (x: (n, d) noise at t = 1, already in the compute dtype)."""
+                    ts: list[float], support: Optional[Tensor] = None) -> Tensor:
+    """Run the solver for one row chunk (x: (n, d) noise at t = 1, already in the compute dtype); over the rows'
+    supports when ``support`` (n, k) is given."""
     n_steps = len(ts) - 1
     vc = vocab_chunk_size
 
     def D(xx: Tensor, tt: float) -> Tensor:
-        return _posterior_mean_rows(xx, tt, log_probs, cb, vc)
+        return _posterior_mean_rows(xx, tt, log_probs, cb, vc, support)
 
     if solver == "euler":
         for i in range(n_steps):
@@ -405,26 +457,49 @@ def _integrate_rows(x: Tensor, log_probs: Tensor, cb: _Codebook, solver: str, vo
     raise ValueError(f"unknown solver {solver!r}")  # unreachable (config validated)
 
 
-def _validate_log_probs(log_probs: Tensor) -> None:
-    if log_probs.numel() == 0:
-        return
-    # one host synchronisation for all three checks (this runs once per AR step of pair generation)
-    has_nan, has_pos_inf, row_without_finite = torch.stack([
-        torch.isnan(log_probs).any(), (log_probs == math.inf).any(),
-        ~torch.isfinite(log_probs).any(dim=-1).all()]).tolist()
-    if has_nan:
+def _validate_log_probs(log_probs: Tensor, chunk_size: int) -> list[int]:
+    """Check ``log_probs`` (..., V) and measure its supports: returns the largest support (number of entries > -inf)
+    of every ``chunk_size`` rows, as host ints."""
+    rows = log_probs.reshape(-1, log_probs.shape[-1])
+    if rows.numel() == 0:
+        return []
+    counts = (rows > -math.inf).sum(dim=1, dtype=torch.int32)  # NaN is not > -inf (and is refused below)
+    n_chunks = -(-rows.shape[0] // chunk_size)
+    padded = F.pad(counts, (0, n_chunks * chunk_size - rows.shape[0]))
+    # one host synchronisation for the checks and the chunk maxima (this runs once per AR step of pair generation);
+    # the maximum propagates NaN and +inf
+    top, fewest, *chunk_max = torch.cat([rows.amax().reshape(1).double(), counts.amin().reshape(1).double(),
+                                         padded.view(n_chunks, chunk_size).amax(dim=1).double()]).tolist()
+    if math.isnan(top):
         raise ValueError("log_probs contains NaN")
-    if has_pos_inf:
+    if top == math.inf:
         raise ValueError("log_probs contains +inf")
-    if row_without_finite:
+    if fewest == 0:
         raise ValueError("every row of log_probs needs at least one finite entry (all tokens filtered?)")
+    return [int(k) for k in chunk_max]
+
+
+def _support_indices(log_probs: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Every row's support, padded to ``k`` (>= every row's support size): returns the columns (n, k) int64, the
+    row's support columns (log-prob > -inf) in increasing order then column 0 as padding, and the log-probs there
+    (n, k), -inf at the padding (so the padding has weight exactly 0 whatever column it names). log_probs (n, V)."""
+    n, V = log_probs.shape
+    flat = (log_probs > -math.inf).view(-1).nonzero().squeeze(1)  # row-major: sorted by (row, column)
+    row = torch.div(flat, V, rounding_mode="floor")
+    starts = torch.searchsorted(flat, torch.arange(n, device=flat.device) * V)  # each row's first entry in flat
+    target = row * k + torch.arange(flat.numel(), device=flat.device) - starts[row]  # (row, slot) in the (n, k) block
+    indices = torch.zeros((n, k), dtype=torch.int64, device=log_probs.device)
+    indices.view(-1)[target] = flat - row * V
+    support_log_probs = torch.full((n, k), -math.inf, dtype=log_probs.dtype, device=log_probs.device)
+    support_log_probs.view(-1)[target] = log_probs.reshape(-1)[flat]
+    return indices, support_log_probs
 
 
 def _solve_rows(x: Tensor, log_probs: Tensor, c: Tensor, ct: Tensor, sq: Tensor, ct_aug: Tensor, solver: str,
-                ts: tuple[float, ...], vocab_chunk_size: Optional[int]) -> Tensor:
+                ts: tuple[float, ...], vocab_chunk_size: Optional[int], support: Optional[Tensor] = None) -> Tensor:
     """:func:`_integrate_rows` on plain tensors: the capture-safe unit that the compiled and CUDA-graph fast paths
     run (no host synchronisation; the time grid and solver are constants of the program)."""
-    return _integrate_rows(x, log_probs, _Codebook(c, ct, sq, ct_aug), solver, vocab_chunk_size, list(ts))
+    return _integrate_rows(x, log_probs, _Codebook(c, ct, sq, ct_aug), solver, vocab_chunk_size, list(ts), support)
 
 
 _FAST_SOLVES: dict[tuple[str, str], Callable[..., Tensor]] = {}
@@ -442,11 +517,34 @@ def _fast_solve(fast_path: str, device_type: str) -> Callable[..., Tensor]:
     return _FAST_SOLVES[key]
 
 
-def _solve_chunk(x: Tensor, log_probs: Tensor, cb: _Codebook, config: FlowMapConfig, ts: list[float]) -> Tensor:
+def _solve_chunk(x: Tensor, log_probs: Tensor, cb: _Codebook, config: FlowMapConfig, ts: list[float],
+                 support: Optional[Tensor] = None) -> Tensor:
     if config.fast_path == "eager":
-        return _integrate_rows(x, log_probs, cb, config.solver, config.vocab_chunk_size, ts)
+        return _integrate_rows(x, log_probs, cb, config.solver, config.vocab_chunk_size, ts, support)
     solve = _fast_solve(config.fast_path, x.device.type)
-    return solve(x, log_probs, cb.c, cb.ct, cb.sq, cb.ct_aug, config.solver, tuple(ts), config.vocab_chunk_size)
+    args = (x, log_probs, cb.c, cb.ct, cb.sq, cb.ct_aug, config.solver, tuple(ts), config.vocab_chunk_size)
+    return solve(*args) if support is None else solve(*args, support)
+
+
+def _compacts(config: FlowMapConfig, k: int, V: int) -> bool:
+    """Whether a row chunk whose largest support is ``k`` is solved over the supports (``FlowMapConfig.support``)."""
+    if config.support == "dense" or config.fast_path == "cuda_graph":
+        return False
+    return config.support == "compact" or k <= AUTO_SUPPORT_FRACTION * V
+
+
+def _block_rows(config: FlowMapConfig, k: Optional[int], V: int, device_type: str) -> int:
+    """Rows solved at once: ``chunk_size``; over supports of size ``k`` (``None``: dense) at most the memory of a
+    dense chunk, ~2 x chunk_size x min(V, vocab_chunk_size) floats (logits + weights), for ~V + 8 k floats a row (the
+    full logits, the gathered logits, weights and int64 columns, and the index construction's temporaries). On CPU
+    also at most ``_CPU_BLOCK`` logits (the (rows, V) block, or (rows, vocab_chunk_size) when streaming dense)."""
+    width = V if config.vocab_chunk_size is None else min(V, config.vocab_chunk_size)
+    rows = config.chunk_size
+    if k is not None:
+        rows = max(1, min(rows, 2 * config.chunk_size * width // (V + 8 * k)))
+    if device_type == "cpu":
+        rows = min(rows, max(1, _CPU_BLOCK // (width if k is None else V)))
+    return rows
 
 
 def integrate_flow(
@@ -459,12 +557,13 @@ def integrate_flow(
     """
     config = _validate_config(config)
     _check_inputs(noise, log_probs, codebook)
-    _validate_log_probs(log_probs)
+    chunk_support = _validate_log_probs(log_probs, config.chunk_size)
     with full_precision(noise.device.type):
-        return _integrate_all(noise, log_probs, codebook, config)
+        return _integrate_all(noise, log_probs, codebook, config, chunk_support)
 
 
-def _integrate_all(noise: Tensor, log_probs: Tensor, codebook: Tensor, config: FlowMapConfig) -> Tensor:
+def _integrate_all(noise: Tensor, log_probs: Tensor, codebook: Tensor, config: FlowMapConfig,
+                   chunk_support: list[int]) -> Tensor:
     lead = noise.shape[:-1]
     d = noise.shape[-1]
     V = codebook.shape[0]
@@ -476,10 +575,19 @@ def _integrate_all(noise: Tensor, log_probs: Tensor, codebook: Tensor, config: F
     ts = make_time_grid(config.num_steps, config.time_grid, config.grid_power)
     out = torch.empty((x_all.shape[0], d), dtype=dtype, device=device)
     cs = config.chunk_size
-    for i in range(0, x_all.shape[0], cs):
+    for chunk, i in enumerate(range(0, x_all.shape[0], cs)):
         x = x_all[i : i + cs].to(dtype=dtype, copy=True)
         lp = lp_all[i : i + cs].to(device=device, dtype=dtype)
-        out[i : i + cs] = _solve_chunk(x, lp, cb, config, ts)
+        k = chunk_support[chunk]
+        compact = _compacts(config, k, V)
+        rows = _block_rows(config, k if compact else None, V, device.type)
+        for j in range(0, x.shape[0], rows):
+            block = slice(j, min(j + rows, x.shape[0]))
+            if compact:  # the solve over the block's supports (log-probs and codebook rows gathered per row)
+                support, lp_support = _support_indices(lp[block], k)
+                out[i + block.start : i + block.stop] = _solve_chunk(x[block], lp_support, cb, config, ts, support)
+            else:
+                out[i + block.start : i + block.stop] = _solve_chunk(x[block], lp[block], cb, config, ts)
     return out.reshape(*lead, d)
 
 

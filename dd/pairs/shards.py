@@ -122,8 +122,9 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-#: flow settings that change how the map runs, not the pairs (fast paths give the eager indices)
-EXECUTION_ONLY_FLOW_KEYS = ("fast_path",)
+#: flow settings that change how the map runs, not the pairs (fast paths give the eager indices, the support-restricted
+#: solve the dense one's)
+EXECUTION_ONLY_FLOW_KEYS = ("fast_path", "support")
 
 
 def _identity(key: str, value: Any) -> Any:
