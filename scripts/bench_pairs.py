@@ -15,6 +15,11 @@ a ratio.
 ``--fast-paths`` runs the whole table once per teacher decode path (``dd.acceleration``; overheads are relative to
 multinomial sampling with the same teacher path), ``--flow-fast-paths`` times each flow setting once per ODE-solve
 path (``FlowMapConfig.fast_path``). Rows with a non-eager path get one untimed warm-up (compile / capture).
+``--supports`` times each flow setting once per ``FlowMapConfig.support`` (``auto``: the default, solves over the
+top-k / top-p support when it is <= V/4; ``dense``: all V codes; ``compact``: always over the support):
+
+    python scripts/bench_pairs.py --preset var_d16 --batch 4 --repeats 1 --threads 1 --settings dpmpp_2m:100 \
+        --supports dense,auto                                                       # support restriction
 """
 
 from __future__ import annotations
@@ -77,6 +82,9 @@ def main() -> None:
     parser.add_argument("--flow-fast-paths", default="eager", help="flow-map ODE-solve paths, comma-separated")
     parser.add_argument("--settings", default=None,
                         help="flow settings solver:steps[:grid], comma-separated (default: the four of the README)")
+    parser.add_argument("--supports", default="auto",
+                        help="FlowMapConfig.support values (auto, dense, compact), comma-separated; each flow setting "
+                             "is timed once per value (rows are labelled [support ...] unless only auto is given)")
     parser.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor)")
     args = parser.parse_args()
     if args.threads:
@@ -86,6 +94,9 @@ def main() -> None:
     teacher_paths = [check_fast_path(p.strip()) for p in args.fast_paths.split(",")]
     flow_paths = [check_fast_path(p.strip()) for p in args.flow_fast_paths.split(",")]
     settings = SETTINGS if args.settings is None else [parse_setting(item) for item in args.settings.split(",")]
+    supports = [item.strip() for item in args.supports.split(",")]
+    for support in supports:
+        FlowMapConfig(support=support)  # refuses an unknown value before any model is built
     device = torch.device(args.device)
     spec = spec_from_yaml(REPO / "configs" / "model" / f"{args.preset}.yaml")
     teacher, tokenizer = spec.build_teacher(load=False), spec.build_tokenizer(load=False)
@@ -105,10 +116,10 @@ def main() -> None:
         with autocast:
             family.teacher_generate(labels, 0, family.num_timesteps, None, sampling, chooser)
 
-    def flow(setting: tuple[str, int, str], flow_path: str) -> None:
+    def flow(setting: tuple[str, int, str], flow_path: str, support: str) -> None:
         solver, steps, grid = setting
         noise = per_sample_normal(seeds, (length, dim), device=device)
-        config = FlowMapConfig(solver=solver, num_steps=steps, time_grid=grid, fast_path=flow_path)
+        config = FlowMapConfig(solver=solver, num_steps=steps, time_grid=grid, fast_path=flow_path, support=support)
         chooser = FlowChooser(noise, codebook, config)
         with autocast:
             family.teacher_generate(labels, 0, family.num_timesteps, None, sampling, chooser)
@@ -126,9 +137,11 @@ def main() -> None:
         rows: dict[str, Callable[[], None]] = {"multinomial": plain}
         for setting in settings:
             for flow_path in flow_paths:
-                suffix = "" if flow_path == "eager" else f" [flow {flow_path}]"
-                rows[f"{setting[0]} {setting[1]} steps ({setting[2]}){suffix}"] = \
-                    lambda s=setting, f=flow_path: flow(s, f)
+                for support in supports:
+                    suffix = "" if flow_path == "eager" else f" [flow {flow_path}]"
+                    suffix += "" if supports == ["auto"] else f" [support {support}]"
+                    rows[f"{setting[0]} {setting[1]} steps ({setting[2]}){suffix}"] = \
+                        lambda s=setting, f=flow_path, u=support: flow(s, f, u)
         plain()  # warm-up (and the teacher path's compile / capture)
         for name, fn in rows.items():
             if name != "multinomial" and (teacher_path != "eager" or "[flow" in name):
