@@ -21,7 +21,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from dd.distill.dd2 import (ARDenoiser, fake_score_loss, generator_loss, generator_sample, gts_loss, noised,
                             sample_noise_levels, teacher_denoised_at, teacher_nll)
@@ -30,7 +30,7 @@ from dd.models.protocol import ARFamily
 from dd.sampling.choosers import inverse_cdf
 from dd.sampling.logits import SamplingConfig
 from dd.sampling.seeds import per_sample_labels, per_sample_normal
-from dd.tasks.distillation import StepIndexedBatchSampler
+from dd.tasks.distillation import StepIndexedData
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ class NoiseLabelDataset(Dataset):
         return {"label": per_sample_labels(seed, self.num_classes)[0], "noise": per_sample_normal(seed, self.shape)[0]}
 
 
-class DD2Task(L.LightningModule):
+class DD2Task(StepIndexedData, L.LightningModule):
     """Generator + guidance network + frozen teacher (``family``); see the module docstring."""
 
     def __init__(self, family: ARFamily, generator: torch.nn.Module, fake: ARDenoiser, sampling: SamplingConfig,
@@ -105,16 +105,6 @@ class DD2Task(L.LightningModule):
         self.tokenizer.eval()
         self.ema.shadow.eval()
         return self
-
-    # -- data ---------------------------------------------------------------------------------------------------------
-    def train_dataloader(self) -> DataLoader:
-        sampler = StepIndexedBatchSampler(len(self.train_data), self.batch_size, self.seed,
-                                          start_fn=lambda: int(self.batches_seen),
-                                          rank_fn=lambda: (self.trainer.global_rank, self.trainer.world_size))
-        return DataLoader(self.train_data, batch_sampler=sampler, num_workers=self.num_workers)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_data, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
 
     # -- optimisation -------------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:

@@ -93,7 +93,22 @@ class _CompiledStudent:
         return getattr(self.student, name)
 
 
-class DistillationTask(L.LightningModule):
+class StepIndexedData:
+    """Data loaders of a distillation task (DD, DD2): training batches from :class:`StepIndexedBatchSampler` at the
+    task's ``batches_seen`` counter (exact resume), validation in order. Needs ``train_data``, ``val_data``,
+    ``batch_size``, ``num_workers``, ``seed``, ``batches_seen`` and a trainer."""
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = StepIndexedBatchSampler(len(self.train_data), self.batch_size, self.seed,
+                                          start_fn=lambda: int(self.batches_seen),
+                                          rank_fn=lambda: (self.trainer.global_rank, self.trainer.world_size))
+        return DataLoader(self.train_data, batch_sampler=sampler, num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_data, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+
+
+class DistillationTask(StepIndexedData, L.LightningModule):
     """Trains ``student`` on pairs. Validation reports, per t in ``t_list``, loss and token accuracy of the logits
     head at the predicted positions, and the token accuracy of 1-step and full-``t_list`` sampling."""
 
@@ -115,16 +130,6 @@ class DistillationTask(L.LightningModule):
         # with compile=true the loss calls the compiled forward; perturb() stays the plain student's
         self._compiled = _CompiledStudent(student) if compile else None
         self.register_buffer("batches_seen", torch.zeros((), dtype=torch.long))
-
-    # -- data ---------------------------------------------------------------------------------------------------------
-    def train_dataloader(self) -> DataLoader:
-        sampler = StepIndexedBatchSampler(len(self.train_data), self.batch_size, self.seed,
-                                          start_fn=lambda: int(self.batches_seen),
-                                          rank_fn=lambda: (self.trainer.global_rank, self.trainer.world_size))
-        return DataLoader(self.train_data, batch_sampler=sampler, num_workers=self.num_workers)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_data, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
 
     # -- training -----------------------------------------------------------------------------------------------------
     def _loss(self, batch: dict[str, torch.Tensor], t: torch.Tensor, model: torch.nn.Module):
