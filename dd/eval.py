@@ -399,7 +399,7 @@ def _log_to_logger(cfg: dict[str, Any], out: Path, payload: dict[str, Any], logg
     from PIL import Image
 
     from dd.evaluation.outputs import GRID_FILE
-    from dd.tasks.loggers import log_eval_results, logging_errors, unavailable_message
+    from dd.tasks.loggers import abandon_logger, log_eval_results, logging_errors, unavailable_message
 
     if logger is None:
         return
@@ -408,6 +408,7 @@ def _log_to_logger(cfg: dict[str, Any], out: Path, payload: dict[str, Any], logg
     except logging_errors() as err:  # the results are on disk: a logger that fails now costs a warning only
         log.warning("results not logged: %s; then re-run the command (it re-scores %s without sampling)",
                     unavailable_message(cfg["logger"]["name"], err), out)
+        abandon_logger(logger)
 
 
 def _log_summary(payload: dict[str, Any]) -> None:

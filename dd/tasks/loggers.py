@@ -100,6 +100,20 @@ def start_logger(logger: Logger | None, name: str) -> None:
         raise ConfigError(unavailable_message(name, err)) from err
 
 
+def abandon_logger(logger: Logger | None) -> None:
+    """End the wandb run of a logger that failed mid-way (its errors ignored: the failure was already reported), so
+    the next logger in this process (tests, ``scripts/demo.py``) starts a run of its own instead of reusing it."""
+    if not isinstance(logger, WandbLogger):
+        return
+    import wandb
+
+    try:
+        if wandb.run is not None:
+            wandb.run.finish(exit_code=1)
+    except logging_errors():
+        pass
+
+
 def close_logger(logger: Logger | None) -> None:
     """Flush a logger and end its wandb run: Lightning leaves the run open, and the next logger created in the same
     process (an evaluation after training, as in ``scripts/demo.py``) would otherwise log into it."""
