@@ -134,7 +134,9 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     if dd2:  # conditional score distillation: no pairs (dd.tasks.dd2)
         from dd.tasks.dd2 import build_dd2_task, export_schedule
 
-        task, schedule = build_dd2_task(cfg, spec, family), export_schedule(cfg, spec)
+        pairs = _datasets(cfg, family, state_dict_sha256(family.teacher)) \
+            if float(cfg["method"].get("dd_weight", 0) or 0) > 0 else None  # DD + DD2: regression on pairs too
+        task, schedule = build_dd2_task(cfg, spec, family, pairs), export_schedule(cfg, spec)
     else:
         student = spec.build_student(family.codebook(), init=cfg["student_init"], teacher=family.teacher)
         train, val = _datasets(cfg, family, state_dict_sha256(family.teacher))

@@ -220,3 +220,20 @@ def test_dd2_resume_after_kill_continues_exactly(tmp_path: Path) -> None:
     for state_a, state_b in zip(a, b):
         for name in state_a:
             torch.testing.assert_close(state_b[name], state_a[name], atol=1e-6, rtol=1e-6, msg=name)
+
+
+def test_dd2_with_the_dd_regression_term_trains_on_pairs(tmp_path: Path) -> None:
+    """method.dd_weight > 0 (DD + DD2): batches come from the pairs, the regression term is logged; without pairs the
+    run stops before training with DD's clean message."""
+    from dd.generate_pairs import run as run_pairs
+    from dd.runs import ConfigError
+    from dd.train import run as run_train
+
+    with pytest.raises(ConfigError, match="no pairs at"):
+        run_train(compose_cfg("train", _dd2_overrides(tmp_path / "none", "gpt_test", **{
+            "method.dd_weight": 1.0, "data.pairs_dir": str(tmp_path / "missing")})))
+    run_pairs(compose_cfg("generate_pairs", ["model=gpt_test", "num_pairs=64", f"output_dir={tmp_path / 'gen'}"]))
+    summary = run_train(compose_cfg("train", _dd2_overrides(tmp_path / "train", "gpt_test", **{
+        "method.dd_weight": 1.0, "data.pairs_dir": str(tmp_path / "gen" / "pairs"), "data.val_every": 4})))
+    assert summary["global_step"] == 10 and "train/dd2_regression" in summary["metrics"]
+    assert summary["metrics"]["train/dd2_regression"] > 0

@@ -153,10 +153,13 @@ class ARDenoiser(nn.Module):
 # -- generator output -----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class GeneratorSample:
-    """q (B, L, d): differentiable tokens; ids (B, L): their codes (the sample dd.eval produces)."""
+    """q (B, L, d): differentiable tokens; ids (B, L): their codes (the sample dd.eval produces); tokens and logits:
+    the student's two heads (for the optional regression term)."""
 
     q: torch.Tensor
     ids: torch.Tensor
+    tokens: torch.Tensor
+    logits: torch.Tensor
 
 
 def generator_sample(student: nn.Module, labels: torch.Tensor, noise: torch.Tensor, output: str = "logits",
@@ -167,9 +170,9 @@ def generator_sample(student: nn.Module, labels: torch.Tensor, noise: torch.Tens
     codebook = student.codebook
     if output == "logits":
         probs = torch.softmax(logits.float() / temperature, dim=-1)
-        return GeneratorSample(probs @ codebook.float(), logits.argmax(-1))
+        return GeneratorSample(probs @ codebook.float(), logits.argmax(-1), tokens, logits)
     if output == "continuous":
-        return GeneratorSample(tokens.float(), student.nearest_indices(tokens.detach()))
+        return GeneratorSample(tokens.float(), student.nearest_indices(tokens.detach()), tokens, logits)
     raise ValueError(f"dd2 generator output={output!r}: expected 'logits' or 'continuous'")
 
 
@@ -220,6 +223,15 @@ def teacher_denoised_at(x: torch.Tensor, s: torch.Tensor, log_probs: torch.Tenso
     flat = analytic_denoiser(x.detach().reshape(-1, x.shape[-1]), s.reshape(-1),
                              log_probs.reshape(-1, log_probs.shape[-1]), codebook)
     return flat.reshape(x.shape)
+
+
+def regression_loss(sample: GeneratorSample, target_ids: torch.Tensor, codebook: torch.Tensor,
+                    output: str = "logits") -> torch.Tensor:
+    """DD's pair regression at t = 0 on the head the generator samples with: cross-entropy of the logits against the
+    pair's tokens (``output="logits"``) or the continuous head's squared error to their codebook vectors."""
+    if output == "logits":
+        return torch.nn.functional.cross_entropy(sample.logits.float().transpose(1, 2), target_ids)
+    return (sample.tokens.float() - codebook[target_ids].float()).pow(2).mean()
 
 
 def teacher_nll(log_probs: torch.Tensor, ids: torch.Tensor, floor: float = -30.0) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from dd.distill.dd2 import (ARDenoiser, fake_score_loss, generator_loss, generator_sample, gts_loss, noised,
-                            sample_noise_levels, teacher_denoised_at, teacher_nll)
+                            regression_loss, sample_noise_levels, teacher_denoised_at, teacher_nll)
 from dd.distill.ema import EMA
 from dd.models.protocol import ARFamily
 from dd.sampling.choosers import inverse_cdf
@@ -52,6 +52,7 @@ class DD2Config:
     grad_clip: float = 1.0
     head_width: int = 256
     head_depth: int = 3
+    dd_weight: float = 0.0  # > 0: add DD's pair regression (needs data.pairs_dir) to the generator loss
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
@@ -61,6 +62,8 @@ class DD2Config:
             raise ValueError("method.gts_steps must be >= 0 and method.fake_updates >= 1")
         if not 0.0 < self.s_min <= self.s_max <= 1.0:
             raise ValueError(f"method.s_min={self.s_min}, s_max={self.s_max}: need 0 < s_min <= s_max <= 1")
+        if self.dd_weight < 0:
+            raise ValueError(f"method.dd_weight={self.dd_weight} must be >= 0")
         if min(self.lr_generator, self.lr_fake) <= 0 or self.temperature <= 0:
             raise ValueError("method.lr_generator, lr_fake and temperature must be > 0")
 
@@ -170,7 +173,13 @@ class DD2Task(StepIndexedData, L.LightningModule):
             teacher_d = teacher_denoised_at(x, s, log_probs, codebook)
             fake_d = self.fake(labels, sample.ids, x, s)
         terms = generator_loss(sample.q, s, eps, teacher_d, fake_d, cfg.normalize)
-        self._update(gen_opt, terms.loss, self.student.parameters())
+        loss = terms.loss
+        if cfg.dd_weight > 0:  # DD's regression on the batch's pairs (same noise, same forward)
+            regression = regression_loss(sample, batch["indices"], codebook, cfg.generator_output)
+            loss = loss + cfg.dd_weight * regression
+            self.log("train/dd2_regression", regression.detach(), on_step=True, on_epoch=False,
+                     batch_size=labels.shape[0])
+        self._update(gen_opt, loss, self.student.parameters())
         self.ema.update(self.student)
         for _ in range(cfg.fake_updates):  # guidance network <- score of the generator's samples (this batch's)
             s, eps = self._levels(shape, generator)
@@ -193,9 +202,11 @@ class DD2Task(StepIndexedData, L.LightningModule):
         self.log("val/pairwise_token_diversity", differ.sum() / max(pairs, 1), batch_size=size, sync_dist=True)
 
 
-def build_dd2_task(cfg: dict[str, Any], spec: Any, family: ARFamily) -> DD2Task:
+def build_dd2_task(cfg: dict[str, Any], spec: Any, family: ARFamily, pairs: tuple[Dataset, Dataset] | None = None
+                   ) -> DD2Task:
     """The DD2 task of a resolved ``dd.train`` config with ``method=dd2``: generator from the teacher (or the DD
-    student export ``method.generator_init`` names), guidance network from the teacher's trunk."""
+    student export ``method.generator_init`` names), guidance network from the teacher's trunk. ``pairs`` (train,
+    validation): DD pair datasets, used instead of fresh noise when ``method.dd_weight > 0``."""
     method = {k: v for k, v in cfg["method"].items()
               if k not in ("name", "generator_init", "noise_pool", "val_samples")}
     config = DD2Config(**method)
@@ -214,6 +225,10 @@ def build_dd2_task(cfg: dict[str, Any], spec: Any, family: ARFamily) -> DD2Task:
                               family.num_classes, seed_base=1_000_000_000 + seed * 10_000_000)
     val = NoiseLabelDataset(int(cfg["method"].get("val_samples", 256)), family.sequence_length, family.token_dim,
                             family.num_classes, seed_base=2_000_000_000)
+    if config.dd_weight > 0:
+        if pairs is None:
+            raise ValueError("method.dd_weight > 0 needs pairs (data.pairs_dir)")
+        train, val = pairs
     return DD2Task(family, generator, fake, spec.sampling, config, float(cfg["ema_decay"]), train, val, batch,
                    int(cfg["num_workers"]), seed)
 
