@@ -195,6 +195,7 @@ def test_dd2_settings_are_checked_before_training(tmp_path: Path) -> None:
     assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.slow  # subprocess runs, ~30 s: DD's own resume test (tests/test_train.py) covers the mechanism by default
 def test_dd2_resume_after_kill_continues_exactly(tmp_path: Path) -> None:
     import subprocess
     import sys
