@@ -105,3 +105,11 @@ def _log_to_files(logger: logging.Logger, message: str) -> None:
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
             handler.handle(record)
+
+
+def world_size(trainer_cfg: dict[str, Any]) -> int:
+    """Ranks a trainer config asks for (devices as a count or a list; other values, e.g. "auto", count as one)."""
+    devices = trainer_cfg.get("devices", 1)
+    count = devices if isinstance(devices, int) else len(devices) if isinstance(devices, (list, tuple)) else 1
+    nodes = trainer_cfg.get("num_nodes", 1)
+    return max(count, 1) * (nodes if isinstance(nodes, int) and nodes > 0 else 1)

@@ -15,7 +15,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from dd.distill.losses import LossConfig
-from dd.runs import ConfigError, is_multirun, is_rank_zero, refuse_multirun_with_ddp, save_resolved_config
+from dd.runs import (ConfigError, is_multirun, is_rank_zero, refuse_multirun_with_ddp, save_resolved_config,
+                     world_size)
 from dd.sampling.dd_samplers import validate_split, validate_t_list
 
 log = logging.getLogger("dd.train")
@@ -162,7 +163,10 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
                                "teacher_sha256": teacher_sha, **extra}, keys=spec.export_keys)
 
     snapshots = StudentSnapshots(out / "export", int(cfg.get("snapshot_every", 0)), export)
-    trainer = L.Trainer(**cfg["trainer"], use_distributed_sampler=False, max_steps=int(cfg["max_steps"]), logger=logger,
+    trainer_cfg = dict(cfg["trainer"])
+    if dd2 and world_size(trainer_cfg) > 1 and trainer_cfg.get("strategy", "auto") in ("auto", "ddp"):
+        trainer_cfg["strategy"] = "ddp_find_unused_parameters_true"  # each DD2 update leaves one network unused
+    trainer = L.Trainer(**trainer_cfg, use_distributed_sampler=False, max_steps=int(cfg["max_steps"]), logger=logger,
                         callbacks=[checkpoint, *progress, *([] if dd2 else [_sample_grids(cfg, family, val)]), snapshots,
                                    TrainingCurves(out, title=str(cfg["run_name"]))],  # <out>/logs/curves.png
                         val_check_interval=int(cfg["val_every_steps"]),

@@ -238,3 +238,17 @@ def test_dd2_with_the_dd_regression_term_trains_on_pairs(tmp_path: Path) -> None
         "method.dd_weight": 1.0, "data.pairs_dir": str(tmp_path / "gen" / "pairs"), "data.val_every": 4})))
     assert summary["global_step"] == 10 and "train/dd2_regression" in summary["metrics"]
     assert summary["metrics"]["train/dd2_regression"] > 0
+
+
+@pytest.mark.slow  # two CPU ranks in a subprocess
+def test_dd2_trains_on_two_cpu_ranks(tmp_path: Path) -> None:
+    """trainer.devices=2: DDP with the unused-parameter detection DD2's alternating updates need (set by dd.train)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    result = subprocess.run([sys.executable, "-m", "dd.train", *_dd2_overrides(out, "gpt_test", max_steps=6),
+                             "trainer.devices=2", "logger=none"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+    _ema_and_raw(torch.load(out / "export" / "student_ema.pt", weights_only=True), "gpt_test")

@@ -27,6 +27,7 @@ from dd.distill.dd2 import (ARDenoiser, fake_score_loss, generator_loss, generat
                             regression_loss, sample_noise_levels, teacher_denoised_at, teacher_nll)
 from dd.distill.ema import EMA
 from dd.models.protocol import ARFamily
+from dd.runs import world_size
 from dd.sampling.choosers import inverse_cdf
 from dd.sampling.logits import SamplingConfig
 from dd.sampling.seeds import per_sample_labels, per_sample_normal
@@ -133,11 +134,24 @@ class DD2Task(StepIndexedData, L.LightningModule):
                                 self.config.generator_output, self.config.temperature)
 
     def _update(self, optimizer: Any, loss: torch.Tensor, parameters: Any) -> None:
+        parameters = list(parameters)
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)
+        self._average_gradients(parameters)
         if self.config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(list(parameters), self.config.grad_clip)
+            torch.nn.utils.clip_grad_norm_(parameters, self.config.grad_clip)
         optimizer.step()
+
+    def _average_gradients(self, parameters: list[torch.nn.Parameter]) -> None:
+        """Average gradients over DDP ranks explicitly: DDP's reducer syncs one backward per forward, and a DD2 batch
+        makes two or more. Idempotent where DDP already averaged (the ranks then hold equal gradients)."""
+        if self._trainer is None or self.trainer.world_size <= 1 or not torch.distributed.is_initialized():
+            return
+        world = self.trainer.world_size
+        for param in parameters:
+            if param.grad is not None:
+                torch.distributed.all_reduce(param.grad)
+                param.grad.div_(world)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         rank = self.trainer.global_rank if self._trainer is not None else 0
@@ -220,7 +234,7 @@ def build_dd2_task(cfg: dict[str, Any], spec: Any, family: ARFamily, pairs: tupl
                       token_var=float(codebook.detach().pow(2).mean()))
     batch, steps, seed = int(cfg["batch_size"]), int(cfg["max_steps"]), int(cfg["seed"])
     pool = int(cfg["method"].get("noise_pool") or batch * steps)  # default: fresh noise every step
-    world = int(cfg["trainer"].get("devices", 1) or 1) * int(cfg["trainer"].get("num_nodes", 1) or 1)
+    world = world_size(cfg["trainer"])
     train = NoiseLabelDataset(max(pool, batch * world), family.sequence_length, family.token_dim,
                               family.num_classes, seed_base=1_000_000_000 + seed * 10_000_000)
     val = NoiseLabelDataset(int(cfg["method"].get("val_samples", 256)), family.sequence_length, family.token_dim,
