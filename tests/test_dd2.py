@@ -252,3 +252,13 @@ def test_dd2_trains_on_two_cpu_ranks(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
     _ema_and_raw(torch.load(out / "export" / "student_ema.pt", weights_only=True), "gpt_test")
+
+
+def test_dd2_runs_under_bf16_mixed(tmp_path: Path) -> None:
+    """trainer.precision=bf16-mixed (CPU autocast): the analytic denoiser and the losses stay float32, values finite."""
+    from dd.train import run as run_train
+
+    summary = run_train(compose_cfg("train", _dd2_overrides(tmp_path, "gpt_test", max_steps=6,
+                                                             **{"trainer.precision": "bf16-mixed"})))
+    assert summary["global_step"] == 6
+    assert all(torch.isfinite(torch.tensor(v)) for v in summary["metrics"].values())
