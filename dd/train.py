@@ -43,11 +43,10 @@ def _validate(cfg: dict[str, Any], spec: Any) -> None:
     if _method(cfg) not in ("dd", "dd2"):
         raise ConfigError(f"method={_method(cfg)!r}: expected dd (pair regression) or dd2 (score distillation)")
     if _method(cfg) == "dd2":
-        from dd.tasks.dd2 import DD2Config
+        from dd.tasks.dd2 import dd2_config
 
         try:
-            DD2Config(**{k: v for k, v in cfg["method"].items()
-                         if k not in ("name", "generator_init", "noise_pool", "val_samples")})
+            dd2_config(cfg["method"])
         except (TypeError, ValueError) as err:
             raise ConfigError(f"method=dd2: {err}") from err
 
@@ -133,10 +132,10 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     family = spec.build_family()
     dd2 = _method(cfg) == "dd2"
     if dd2:  # conditional score distillation: no pairs (dd.tasks.dd2)
-        from dd.tasks.dd2 import build_dd2_task, export_schedule
+        from dd.tasks.dd2 import build_dd2_task, dd2_config, export_schedule
 
         pairs = _datasets(cfg, family, state_dict_sha256(family.teacher)) \
-            if float(cfg["method"].get("dd_weight", 0) or 0) > 0 else None  # DD + DD2: regression on pairs too
+            if dd2_config(cfg["method"]).dd_weight > 0 else None  # DD + DD2: regression on pairs too
         task, schedule = build_dd2_task(cfg, spec, family, pairs), export_schedule(cfg, spec)
     else:
         student = spec.build_student(family.codebook(), init=cfg["student_init"], teacher=family.teacher)

@@ -182,8 +182,7 @@ def gts_loss(fake: ARDenoiser, labels: torch.Tensor, ids: torch.Tensor, q: torch
     """Regression of the analytic teacher denoiser at x_s = noised(q): mean over tokens of the squared error."""
     x = noised(q.detach().float(), s, eps)
     with torch.no_grad():
-        target = analytic_denoiser(x.reshape(-1, x.shape[-1]), s.reshape(-1), log_probs.reshape(-1, log_probs.shape[-1]),
-                                   codebook).reshape(x.shape)
+        target = teacher_denoised_at(x, s, log_probs, codebook)
     return (fake(labels, ids, x, s) - target).pow(2).sum(-1).mean()
 
 
@@ -200,8 +199,8 @@ class GeneratorLoss:
     grad_norm: torch.Tensor  # mean per-token norm of w (F - D_T): the distillation signal's size (detached)
 
 
-def generator_loss(q: torch.Tensor, s: torch.Tensor, eps: torch.Tensor, teacher_denoised: torch.Tensor,
-                   fake_denoised: torch.Tensor, normalize: bool = True) -> GeneratorLoss:
+def generator_loss(q: torch.Tensor, teacher_denoised: torch.Tensor, fake_denoised: torch.Tensor,
+                   normalize: bool = True) -> GeneratorLoss:
     """Conditional score distillation (DMD-style gradient form): d loss / d q_i = w (F_i - D_T,i), summed over
     positions and averaged over the batch. ``teacher_denoised`` and ``fake_denoised`` are (B, L, d) evaluations at
     the noised generated tokens (detached)."""

@@ -69,6 +69,15 @@ class DD2Config:
             raise ValueError("method.lr_generator, lr_fake and temperature must be > 0")
 
 
+#: keys of configs/method/dd2.yaml that are not DD2Config fields (read by build_dd2_task itself)
+TASK_KEYS = ("name", "generator_init", "noise_pool", "val_samples")
+
+
+def dd2_config(method: dict[str, Any]) -> DD2Config:
+    """The DD2Config of a resolved ``method`` config group (raises TypeError / ValueError on bad settings)."""
+    return DD2Config(**{k: v for k, v in method.items() if k not in TASK_KEYS})
+
+
 class NoiseLabelDataset(Dataset):
     """Item i: a uniform class label and a (L, d) standard-normal noise sequence, both from the seed
     ``seed_base + i`` (the streams ``dd.eval`` uses), so any item can be regenerated exactly."""
@@ -186,7 +195,7 @@ class DD2Task(StepIndexedData, L.LightningModule):
             x = noised(sample.q.detach().float(), s, eps)
             teacher_d = teacher_denoised_at(x, s, log_probs, codebook)
             fake_d = self.fake(labels, sample.ids, x, s)
-        terms = generator_loss(sample.q, s, eps, teacher_d, fake_d, cfg.normalize)
+        terms = generator_loss(sample.q, teacher_d, fake_d, cfg.normalize)
         loss = terms.loss
         if cfg.dd_weight > 0:  # DD's regression on the batch's pairs (same noise, same forward)
             regression = regression_loss(sample, batch["indices"], codebook, cfg.generator_output)
@@ -221,9 +230,7 @@ def build_dd2_task(cfg: dict[str, Any], spec: Any, family: ARFamily, pairs: tupl
     """The DD2 task of a resolved ``dd.train`` config with ``method=dd2``: generator from the teacher (or the DD
     student export ``method.generator_init`` names), guidance network from the teacher's trunk. ``pairs`` (train,
     validation): DD pair datasets, used instead of fresh noise when ``method.dd_weight > 0``."""
-    method = {k: v for k, v in cfg["method"].items()
-              if k not in ("name", "generator_init", "noise_pool", "val_samples")}
-    config = DD2Config(**method)
+    config = dd2_config(cfg["method"])
     init = str(cfg["method"].get("generator_init") or "teacher")
     if init == "teacher":
         generator = spec.build_student(family.codebook(), init="teacher", teacher=family.teacher)
