@@ -60,3 +60,28 @@ def load_official(name: str) -> dict:
 @pytest.fixture(scope="session")
 def official_dir() -> Path:
     return OFFICIAL_DIR
+
+
+def export_teacher_initialised_student(preset: str, path: Path) -> Path:
+    """A teacher-initialised student of ``configs/model/<preset>.yaml`` exported as dd.train exports one (the
+    family's layout: {'ema', 'model'} for LlamaGen, {'trainer': {...}} for VAR; EMA = raw weights) at ``path``."""
+    from dd.distill.ema import export_student
+    from dd.models.presets import spec_from_yaml
+
+    spec = spec_from_yaml(REPO_ROOT / "configs" / "model" / f"{preset}.yaml")
+    family = spec.build_family()
+    student = spec.build_student(family.codebook(), init="teacher", teacher=family.teacher)
+    return export_student(path, student.state_dict(), student.state_dict(), {"model": preset}, keys=spec.export_keys)
+
+
+def refuse_model_loading(monkeypatch: pytest.MonkeyPatch, message: str) -> None:
+    """Make building any model of either family fail with ``message``: proves a check ran before loading."""
+    from dd.models.llamagen import LlamaGenSpec
+    from dd.models.var import VARSpec
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(message)
+
+    for spec_class in (LlamaGenSpec, VARSpec):
+        for name in ("build_family", "build_tokenizer", "build_teacher", "build_student"):
+            monkeypatch.setattr(spec_class, name, refuse)

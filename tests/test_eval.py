@@ -22,15 +22,11 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 import dd.eval as dd_eval
-from dd.distill.ema import export_student
 from dd.evaluation.outputs import read_samples_npz
 from dd.evaluation.samplers import FewStepSampler, TeacherInvolvedSampler, TeacherSampler
-from dd.models.llamagen import LlamaGenSpec
-from dd.models.presets import spec_from_yaml
-from dd.models.var import VARSpec
 from dd.runs import ConfigError
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, export_teacher_initialised_student, refuse_model_loading
 
 CONFIGS = REPO_ROOT / "configs"
 SAMPLERS = sorted(p.stem for p in (CONFIGS / "sampler").glob("*.yaml"))
@@ -71,16 +67,10 @@ def preset(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(scope="module")
 def student_ckpt(preset: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A teacher-initialised student of the preset in its family's exported layout: {'ema': ..., 'model': ...}
-    (gpt_test) or {'trainer': {'ema_parameters': ..., 'var_wo_ddp': ...}} (var_test)."""
-    spec = spec_from_yaml(CONFIGS / "model" / f"{preset}.yaml")
-    family = spec.build_family()
-    student = spec.build_student(family.codebook(), init="teacher", teacher=family.teacher)
-    path = tmp_path_factory.mktemp(f"student_{preset}") / "student_ema.pt"
-    if preset.startswith("gpt"):
-        torch.save({"ema": student.state_dict(), "model": student.state_dict()}, path)
-    else:
-        export_student(path, student.state_dict(), student.state_dict(), {"model": preset}, keys=spec.export_keys)
-        assert set(torch.load(path, weights_only=True)) == {"trainer"}
+    (gpt_*) or {'trainer': {'ema_parameters': ..., 'var_wo_ddp': ...}} (var_test)."""
+    path = export_teacher_initialised_student(preset, tmp_path_factory.mktemp(f"student_{preset}") / "student_ema.pt")
+    expected = {"ema", "model"} if preset.startswith("gpt") else {"trainer"}
+    assert set(torch.load(path, weights_only=True)) == expected
     return path
 
 
@@ -143,12 +133,7 @@ def test_evaluation_core_imports_no_lightning_or_hydra() -> None:
 # -- validation before any model is loaded -------------------------------------------------------------------------
 @pytest.fixture
 def no_model_loading(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError("a model was loaded before validation finished")
-
-    for spec_class in (LlamaGenSpec, VARSpec):
-        for name in ("build_family", "build_tokenizer", "build_teacher", "build_student"):
-            monkeypatch.setattr(spec_class, name, refuse)
+    refuse_model_loading(monkeypatch, "a model was loaded before validation finished")
 
 
 @pytest.mark.parametrize("overrides, message", [

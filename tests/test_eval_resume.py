@@ -21,15 +21,11 @@ from omegaconf import OmegaConf
 
 import dd.eval as dd_eval
 import dd.tasks.eval_sampling as eval_sampling
-from dd.distill.ema import export_student
 from dd.evaluation import outputs
 from dd.evaluation.resume import differences, done_mask, missing_ranges
-from dd.models.llamagen import LlamaGenSpec
-from dd.models.presets import spec_from_yaml
-from dd.models.var import VARSpec
 from dd.runs import ConfigError
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, export_teacher_initialised_student, refuse_model_loading
 
 CONFIGS = REPO_ROOT / "configs"
 NO_METRICS = "metrics.enabled=false"
@@ -57,12 +53,7 @@ def preset(request: pytest.FixtureRequest) -> str:
 def student_ckpt(preset: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A teacher-initialised student exported in the preset family's layout."""
     torch.set_num_threads(1)
-    spec = spec_from_yaml(CONFIGS / "model" / f"{preset}.yaml")
-    family = spec.build_family()
-    student = spec.build_student(family.codebook(), init="teacher", teacher=family.teacher)
-    path = tmp_path_factory.mktemp(f"student_{preset}") / "student_ema.pt"
-    export_student(path, student.state_dict(), student.state_dict(), {"model": preset}, keys=spec.export_keys)
-    return path
+    return export_teacher_initialised_student(preset, tmp_path_factory.mktemp(f"student_{preset}") / "student_ema.pt")
 
 
 @pytest.fixture
@@ -262,22 +253,13 @@ def test_interrupted_growth_resumes_to_the_same_files(preset: str, student_ckpt:
     assert _comparable(payload) == _comparable(reference)
 
 
-def _refuse_model_loading(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError("a model was loaded before the settings were checked")
-
-    for spec_class in (LlamaGenSpec, VARSpec):
-        for name in ("build_family", "build_tokenizer", "build_teacher", "build_student"):
-            monkeypatch.setattr(spec_class, name, refuse)
-
-
 @GPT_ONLY
 def test_other_settings_or_weights_are_refused_and_never_starts_over(preset: str, student_ckpt: Path, tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     dd_eval.run(_cfg(_overrides(tmp_path, student_ckpt, NO_METRICS)))
     kept = {name: (tmp_path / name).read_bytes() for name in ("samples.npz", "config.json", "metrics.json")}
     with monkeypatch.context() as patch:
-        _refuse_model_loading(patch)
+        refuse_model_loading(patch, "a model was loaded before the settings were checked")
         for extra, difference in ((["seed_base=1"], "seed_base: before 0, now 1"),
                                   (["model.sampling.cfg_scale=3.0"], "model.sampling.cfg_scale: before 2.0, now 3.0"),
                                   (["teacher_start_t=2"], "sampler.teacher_start_t: before 1, now 2")):

@@ -15,14 +15,14 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import dd.eval as dd_eval
-from dd.distill.ema import EMA, export_student
+from dd.distill.ema import EMA
 from dd.generate_pairs import run as run_pairs
 from dd.pairs import PairDataset, PairExpectation
 from dd.tasks.loggers import numeric_entries
 from dd.tasks.sample_grids import StudentSampleGrids, tile
 from dd.train import run as run_train
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, export_teacher_initialised_student
 
 
 def _cfg(name: str, overrides: list[str]) -> dict:
@@ -126,11 +126,7 @@ def test_training_with_wandb_logs_student_sample_grids(preset: str, pairs_dir: P
 
 
 def _student(tmp_path: Path) -> Path:
-    spec = instantiate(_cfg("eval", ["model=gpt_test"])["model"], _convert_="all")
-    family = spec.build_family()
-    student = spec.build_student(family.codebook(), init="teacher", teacher=family.teacher)
-    return export_student(tmp_path / "student_ema.pt", student.state_dict(), student.state_dict(), {},
-                          keys=spec.export_keys)
+    return export_teacher_initialised_student("gpt_test", tmp_path / "student_ema.pt")
 
 
 def test_eval_with_wandb_logs_metrics_and_grid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
