@@ -130,16 +130,17 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     out = Path(cfg["output_dir"])
     L.seed_everything(int(cfg["seed"]), workers=True, verbose=False)  # no "Seed set" line before an error line
     family = spec.build_family()
+    teacher_sha = state_dict_sha256(family.teacher)  # hashed once: pair checks and every export
     dd2 = _method(cfg) == "dd2"
     if dd2:  # conditional score distillation: no pairs (dd.tasks.dd2)
         from dd.tasks.dd2 import build_dd2_task, dd2_config, export_schedule
 
-        pairs = _datasets(cfg, family, state_dict_sha256(family.teacher)) \
+        pairs = _datasets(cfg, family, teacher_sha) \
             if dd2_config(cfg["method"]).dd_weight > 0 else None  # DD + DD2: regression on pairs too
         task, schedule = build_dd2_task(cfg, spec, family, pairs), export_schedule(cfg, spec)
     else:
         student = spec.build_student(family.codebook(), init=cfg["student_init"], teacher=family.teacher)
-        train, val = _datasets(cfg, family, state_dict_sha256(family.teacher))
+        train, val = _datasets(cfg, family, teacher_sha)
         loss = LossConfig(**{k: v for k, v in cfg["loss"].items() if k != "perceptual"},
                           split_t=cfg["schedule"]["split_t"])
         task = DistillationTask(student, cfg["schedule"]["t_list"], loss, OptimConfig(**cfg["optim"]),
@@ -154,7 +155,6 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     checkpoint = ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, every_n_train_steps=int(cfg["ckpt_every"]),
                                  save_top_k=0)
     progress = training_progress_callbacks(cfg["trainer"])  # summary lines instead of a bar when not on a terminal
-    teacher_sha = state_dict_sha256(family.teacher)
 
     def export(path: Path, task: Any, extra: dict[str, Any]) -> Path:
         return export_student(path, task.ema.shadow.state_dict(), task.student.state_dict(),
