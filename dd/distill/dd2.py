@@ -24,40 +24,65 @@ Losses (``s`` drawn per token, ``eps`` fresh Gaussian noise):
 
 * GTS (initialisation of F): regress the analytic teacher denoiser, ``||F(x_s, s | q_<i) - D_T(x_s, s)||^2``;
 * fake score matching: ``||F(x_s, s | sg(q)_<i) - sg(q_i)||^2`` on the generator's own tokens;
-* generator (conditional score distillation, DMD-style gradient form): the gradient w.r.t. q_i is
-  ``w (F(x_s) - D_T(x_s))`` (fake minus teacher denoiser at the noised generated token, prefix stop-gradient), i.e.
-  ``0.5 ||q - sg(q - w (F - D_T))||^2`` summed over positions; w normalises by the mean |q - D_T| per sample
-  (``normalize=True``). It vanishes exactly when F equals the teacher's denoiser.
+* generator (conditional score distillation), in one of two forms (``method.loss_form``), both at the noised
+  generated token of every position with the prefix as a stop-gradient (it enters the denoisers as ids), both
+  weighted per sample by w = 1 / mean |q - D_T| (``normalize=True``), both zero in gradient when F equals the
+  teacher's denoiser:
+
+  - ``dmd`` (DMD-style gradient form, :func:`generator_loss`): the gradient w.r.t. q_i is ``w (F(x_s) - D_T(x_s))``
+    with both denoisers detached, i.e. ``0.5 ||q - sg(q - w (F - D_T))||^2`` summed over positions;
+  - ``sid`` (the SiD form the paper uses, :func:`sid_generator_loss`): ``w [(1 - alpha) ||D_T - F||^2 +
+    (D_T - F)^T (F - q)]`` summed over positions, the gradient flowing through x_s into both denoisers (the
+    analytic one exactly, the guidance network's head on frozen parameters and no-grad trunk features).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
 
 
 # -- analytic teacher denoiser / score ------------------------------------------------------------------------------
 def analytic_denoiser(x: torch.Tensor, s: torch.Tensor, log_probs: torch.Tensor, codebook: torch.Tensor,
                       chunk_size: int = 2048) -> torch.Tensor:
     """E[q | x_s = x] under the Dirac mixture sum_k p_k delta(c_k), per row. x (N, d), s (N,) in (0, 1],
-    log_probs (N, V) (-inf: excluded codes), codebook (V, d) -> (N, d) float32. No gradient flows to log_probs'
-    producer unless the caller enables it; memory ~ chunk_size * V floats."""
+    log_probs (N, V) (-inf: excluded codes), codebook (V, d) -> (N, d), float32 (float64 when x is float64), also
+    under autocast. Memory ~ chunk_size * V floats: without a graph (no input needs a gradient, or grad mode off)
+    the chunks run plainly; when one is differentiated (SiD's generator loss differentiates x) each chunk runs
+    under activation checkpointing, so the backward recomputes it instead of keeping every chunk's (rows, V)
+    softmax alive."""
     if x.dim() != 2 or log_probs.dim() != 2 or s.dim() != 1:
         raise ValueError(f"expected x (N, d), s (N,), log_probs (N, V); got {tuple(x.shape)}, {tuple(s.shape)}, "
                          f"{tuple(log_probs.shape)}")
-    c = codebook.float()
-    sq = (c * c).sum(1)
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    if x.shape[0] == 0:
+        return x.new_zeros(x.shape, dtype=dtype)
+    graph = torch.is_grad_enabled() and any(t.requires_grad for t in (x, s, log_probs, codebook))
     out = []
     for i in range(0, x.shape[0], chunk_size):
-        xs, ss, lp = x[i:i + chunk_size].float(), s[i:i + chunk_size].float(), log_probs[i:i + chunk_size].float()
-        a = (1.0 - ss)[:, None]
-        inv = 1.0 / (ss * ss)[:, None]
-        logits = lp + (a * (xs @ c.t()) - 0.5 * a * a * sq[None, :]) * inv
-        out.append(torch.softmax(logits, dim=1) @ c)
-    return torch.cat(out) if out else x.new_zeros(x.shape, dtype=torch.float32)
+        rows = (x[i:i + chunk_size], s[i:i + chunk_size], log_probs[i:i + chunk_size], codebook)
+        if graph:
+            out.append(checkpoint(_denoise_chunk, *rows, dtype, use_reentrant=False, preserve_rng_state=False))
+        else:
+            out.append(_denoise_chunk(*rows, dtype))
+    return torch.cat(out)
+
+
+def _denoise_chunk(x: torch.Tensor, s: torch.Tensor, log_probs: torch.Tensor, codebook: torch.Tensor,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """:func:`analytic_denoiser` of one chunk of rows, in ``dtype`` whatever autocast is active."""
+    with torch.autocast(x.device.type, enabled=False):
+        x, s, log_probs, c = x.to(dtype), s.to(dtype), log_probs.to(dtype), codebook.to(dtype)
+        a = (1.0 - s)[:, None]
+        inv = 1.0 / (s * s)[:, None]
+        logits = log_probs + (a * (x @ c.t()) - 0.5 * a * a * (c * c).sum(1)[None, :]) * inv
+        return torch.softmax(logits, dim=1) @ c
 
 
 def score_from_denoiser(x: torch.Tensor, s: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
@@ -206,21 +231,70 @@ def generator_loss(q: torch.Tensor, teacher_denoised: torch.Tensor, fake_denoise
     the noised generated tokens (detached)."""
     q32 = q.float()
     diff = (fake_denoised - teacher_denoised).detach().float()
-    if normalize:
-        weight = 1.0 / ((q32.detach() - teacher_denoised.float()).abs().mean(dim=(1, 2), keepdim=True) + 1e-6)
-    else:
-        weight = torch.ones_like(q32[:, :1, :1])
-    step = weight * diff
+    step = _sample_weight(q32, teacher_denoised.float(), normalize) * diff
     target = (q32 - step).detach()
     loss = 0.5 * (q32 - target).pow(2).sum(-1).sum(-1).mean()
     return GeneratorLoss(loss, step.norm(dim=-1).mean().detach())
 
 
-def teacher_denoised_at(x: torch.Tensor, s: torch.Tensor, log_probs: torch.Tensor,
-                        codebook: torch.Tensor) -> torch.Tensor:
-    """The analytic teacher denoiser for (B, L, d) points with (B, L) levels and (B, L, V) log-probs."""
-    flat = analytic_denoiser(x.detach().reshape(-1, x.shape[-1]), s.reshape(-1),
-                             log_probs.reshape(-1, log_probs.shape[-1]), codebook)
+def _sample_weight(q: torch.Tensor, teacher_denoised: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """DMD's per-sample normalisation (B, 1, 1), detached: 1 / mean |q - D_T| (or 1 without ``normalize``)."""
+    if not normalize:
+        return torch.ones_like(q[:, :1, :1]).detach()
+    return 1.0 / ((q.detach() - teacher_denoised.detach()).abs().mean(dim=(1, 2), keepdim=True) + 1e-6)
+
+
+def sid_generator_loss(q: torch.Tensor, s: torch.Tensor, eps: torch.Tensor,
+                       teacher_denoiser: Callable[[torch.Tensor], torch.Tensor],
+                       fake_denoiser: Callable[[torch.Tensor], torch.Tensor], alpha: float = 1.2,
+                       normalize: bool = True) -> GeneratorLoss:
+    """Conditional score distillation in the SiD loss form (Score identity Distillation, Zhou et al. 2024).
+
+    Per generated token q_i (B, L, d; its prefix enters the denoisers as ids, so it is a stop-gradient) noised to
+    ``x = (1 - s) q + s eps`` *with* the gradient flowing through x, teacher ``D = teacher_denoiser(x)`` and fake
+    ``F = fake_denoiser(x)`` (callables of x only, both differentiable in x; the fake's parameters must not take
+    gradients from this loss, see :func:`frozen_fake_denoiser`), the loss is ::
+
+        w * [ (1 - alpha) ||D - F||^2 + (D - F)^T (F - q) ]
+
+    summed over positions and averaged over the batch, with DMD's per-sample weight w (``normalize``; detached).
+    Its value and gradient vanish when F is the teacher's denoiser; ``grad_norm`` is the mean per-token norm of
+    w (F - D), the same signal size the DMD form logs."""
+    q = q if q.dtype == torch.float64 else q.float()
+    x = noised(q, s, eps)
+    teacher_d, fake_d = teacher_denoiser(x).to(q.dtype), fake_denoiser(x).to(q.dtype)
+    diff = teacher_d - fake_d
+    weight = _sample_weight(q, teacher_d, normalize)
+    per_token = (1.0 - alpha) * diff.pow(2).sum(-1) + (diff * (fake_d - q)).sum(-1)
+    loss = (weight[..., 0] * per_token).sum(-1).mean()
+    return GeneratorLoss(loss, (weight * diff).norm(dim=-1).mean().detach())
+
+
+def frozen_fake_denoiser(fake: ARDenoiser, labels: torch.Tensor, ids: torch.Tensor,
+                         s: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x (B, L, d) -> F(x, s | ids_<i): the guidance network's head at trunk features computed once, without a
+    graph, from ``ids``; differentiable in x, while the head runs on detached copies of its parameters, so a
+    backward through it leaves every ``.grad`` of ``fake`` untouched (the SiD generator loss)."""
+    with torch.no_grad():
+        features = fake.features(labels, ids)
+    params = {name: p.detach() for name, p in fake.head.named_parameters()}
+    return lambda x: functional_call(fake.head, params, (features, x, s))
+
+
+def teacher_denoiser_fn(s: torch.Tensor, log_probs: torch.Tensor,
+                        codebook: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x (B, L, d) -> the analytic teacher denoiser D_T(x, s) at levels s (B, L) with log-probs (B, L, V),
+    differentiable in x (the SiD generator loss)."""
+    return lambda x: teacher_denoised_at(x, s, log_probs, codebook, differentiable=True)
+
+
+def teacher_denoised_at(x: torch.Tensor, s: torch.Tensor, log_probs: torch.Tensor, codebook: torch.Tensor,
+                        differentiable: bool = False) -> torch.Tensor:
+    """The analytic teacher denoiser for (B, L, d) points with (B, L) levels and (B, L, V) log-probs. x is detached
+    unless ``differentiable`` (SiD's generator loss differentiates the denoiser w.r.t. x)."""
+    x = x if differentiable else x.detach()
+    flat = analytic_denoiser(x.reshape(-1, x.shape[-1]), s.reshape(-1), log_probs.reshape(-1, log_probs.shape[-1]),
+                             codebook)
     return flat.reshape(x.shape)
 
 

@@ -6,8 +6,9 @@ AR-diffusion model built from the teacher's trunk). Per batch of (label, noise) 
 
 1. the first ``gts_steps`` batches initialise the guidance network by regressing the analytic teacher denoiser
    (GTS) on tokens drawn from the teacher's own per-position distributions given the generator's prefixes;
-2. afterwards each batch makes one generator update (conditional score distillation) and the generator's EMA
-   update, then ``fake_updates`` guidance updates (score matching on the same generated tokens, detached).
+2. afterwards each batch makes one generator update (conditional score distillation, ``loss_form`` dmd or sid) and
+   the generator's EMA update, then ``fake_updates`` guidance updates (score matching on the same generated tokens,
+   detached).
 
 Exactly one Lightning-wrapped optimizer step happens per batch (the guidance network's in phase 1, the generator's
 in phase 2; the guidance steps of phase 2 call the raw optimizer), so ``trainer.global_step`` counts batches and
@@ -16,6 +17,7 @@ in phase 2; the guidance steps of phase 2 call the raw optimizer), so ``trainer.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,8 +25,9 @@ import lightning as L
 import torch
 from torch.utils.data import Dataset
 
-from dd.distill.dd2 import (ARDenoiser, fake_score_loss, generator_loss, generator_sample, gts_loss, noised,
-                            regression_loss, sample_noise_levels, teacher_denoised_at, teacher_nll)
+from dd.distill.dd2 import (ARDenoiser, fake_score_loss, frozen_fake_denoiser, generator_loss, generator_sample,
+                            gts_loss, noised, regression_loss, sample_noise_levels, sid_generator_loss,
+                            teacher_denoised_at, teacher_denoiser_fn, teacher_nll)
 from dd.distill.ema import EMA
 from dd.models.protocol import ARFamily
 from dd.runs import world_size
@@ -32,6 +35,10 @@ from dd.sampling.choosers import inverse_cdf
 from dd.sampling.logits import SamplingConfig
 from dd.sampling.seeds import per_sample_labels, per_sample_normal
 from dd.tasks.distillation import StepIndexedData
+
+
+#: method.loss_form values (dd.distill.dd2: generator_loss, sid_generator_loss)
+LOSS_FORMS = ("dmd", "sid")
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,8 @@ class DD2Config:
     head_width: int = 256
     head_depth: int = 3
     dd_weight: float = 0.0  # > 0: add DD's pair regression (needs data.pairs_dir) to the generator loss
+    loss_form: str = "dmd"  # generator loss: dmd (gradient form, denoisers detached) | sid (SiD, Zhou et al. 2024)
+    sid_alpha: float = 1.2  # SiD's alpha (loss_form=sid)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
@@ -63,6 +72,10 @@ class DD2Config:
             raise ValueError("method.gts_steps must be >= 0 and method.fake_updates >= 1")
         if not 0.0 < self.s_min <= self.s_max <= 1.0:
             raise ValueError(f"method.s_min={self.s_min}, s_max={self.s_max}: need 0 < s_min <= s_max <= 1")
+        if self.loss_form not in LOSS_FORMS:
+            raise ValueError(f"method.loss_form={self.loss_form!r}: expected one of {', '.join(LOSS_FORMS)}")
+        if not math.isfinite(self.sid_alpha):
+            raise ValueError(f"method.sid_alpha={self.sid_alpha} must be a finite number")
         if self.dd_weight < 0:
             raise ValueError(f"method.dd_weight={self.dd_weight} must be >= 0")
         if min(self.lr_generator, self.lr_fake) <= 0 or self.temperature <= 0:
@@ -192,10 +205,16 @@ class DD2Task(StepIndexedData, L.LightningModule):
         s, eps = self._levels(shape, generator)
         with torch.no_grad():
             log_probs = self.family.teacher_log_probs(labels, sample.ids, self.sampling)
-            x = noised(sample.q.detach().float(), s, eps)
-            teacher_d = teacher_denoised_at(x, s, log_probs, codebook)
-            fake_d = self.fake(labels, sample.ids, x, s)
-        terms = generator_loss(sample.q, teacher_d, fake_d, cfg.normalize)
+        if cfg.loss_form == "sid":  # gradient through x_s into both denoisers; the guidance network stays frozen
+            terms = sid_generator_loss(sample.q, s, eps, teacher_denoiser_fn(s, log_probs, codebook),
+                                       frozen_fake_denoiser(self.fake, labels, sample.ids, s), cfg.sid_alpha,
+                                       cfg.normalize)
+        else:
+            with torch.no_grad():
+                x = noised(sample.q.detach().float(), s, eps)
+                teacher_d = teacher_denoised_at(x, s, log_probs, codebook)
+                fake_d = self.fake(labels, sample.ids, x, s)
+            terms = generator_loss(sample.q, teacher_d, fake_d, cfg.normalize)
         loss = terms.loss
         if cfg.dd_weight > 0:  # DD's regression on the batch's pairs (same noise, same forward)
             regression = regression_loss(sample, batch["indices"], codebook, cfg.generator_output)
