@@ -141,11 +141,20 @@ class LlamaGenDDStudent(FastForward, nn.Module):
         ``tok_embeddings``, ``n_d_embed`` and ``final_layer_conti`` keep their own initialisation. A teacher without
         a null class row (class_dropout_prob = 0) fills the rows it has.
         """
-        src = teacher.cls_embedding.embedding_table.weight
-        self.cls_embedding.embedding_table.weight[: src.shape[0]].copy_(src)
-        self.layers.load_state_dict(teacher.layers.state_dict())
-        self.norm.load_state_dict(teacher.norm.state_dict())
-        self.output.load_state_dict(teacher.output.state_dict())
+        self.load_state_dict(self.weights_from_teacher(teacher.state_dict()), strict=False)
+
+    @torch.no_grad()
+    def weights_from_teacher(self, teacher_state: dict[str, torch.Tensor], head: bool = True
+                             ) -> dict[str, torch.Tensor]:
+        """The entries of this student's state dict that :meth:`init_from_teacher` takes from a teacher, built from
+        a teacher's state dict (or one with the teacher's names that lacks ``output``, as DD2's feature trunk:
+        ``head=False`` leaves the output head out). The class table keeps this student's rows past the source's."""
+        table = "cls_embedding.embedding_table.weight"
+        rows = self.state_dict()[table].clone()
+        rows[: teacher_state[table].shape[0]] = teacher_state[table]
+        parts = ("layers.", "norm.", "output.") if head else ("layers.", "norm.")
+        weights = {name: teacher_state[name] for name in self.state_dict() if name.startswith(parts)}
+        return {table: rows, **weights}
 
 
 def reset_student_new_parameters(student: LlamaGenDDStudent, std: float = 0.02) -> None:

@@ -155,20 +155,31 @@ class VARDDStudent(FastForward, VARTransformer):
         initialised). The official code re-initialises ``class_emb.weight[1]`` where ``lvl_embed.weight[1]`` was
         evidently meant; dd initialises ``lvl_embed.weight[1]`` (only training is affected). ``n_d_embed`` is
         re-initialised; the layer-wise embeddings start at zero so the initial student is the teacher's trunk."""
-        for name in ("word_embed", "class_emb", "blocks", "head_nm", "head"):
-            getattr(self, name).load_state_dict(getattr(teacher, name).state_dict())
-        self.pos_start.copy_(teacher.pos_start)
-        self._copy_shifted(self.lvl_embed.weight, teacher.lvl_embed.weight)
-        self._copy_shifted(self.pos_1LC[0], teacher.pos_1LC[0])
+        self.load_state_dict(self.weights_from_teacher(teacher.state_dict()), strict=False)
+        nn.init.trunc_normal_(self.lvl_embed.weight[1], std=self.init_std)
+        nn.init.trunc_normal_(self.pos_1LC[0, 1], std=self.init_std)
         nn.init.trunc_normal_(self.n_d_embed.weight, std=self.init_std)
         for layer in self.layerwise_n_d_embed:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def _copy_shifted(self, student_rows: torch.Tensor, teacher_rows: torch.Tensor) -> None:
-        student_rows[0].copy_(teacher_rows[0])
-        student_rows[2:].copy_(teacher_rows[1:])
-        nn.init.trunc_normal_(student_rows[1], std=self.init_std)
+    @torch.no_grad()
+    def weights_from_teacher(self, teacher_state: dict[str, torch.Tensor], head: bool = True
+                             ) -> dict[str, torch.Tensor]:
+        """The entries of this student's state dict that :meth:`init_from_teacher` takes from a teacher, built from
+        a teacher's state dict (or one with the teacher's names that lacks ``head``, as DD2's feature trunk:
+        ``head=False`` leaves the logits head out). The level and position tables shift by one slot (the student's
+        extra first scale): rows 0 and 2.. come from the source's 0 and 1.., row 1 stays this student's."""
+        own = self.state_dict()
+        parts = ("word_embed.", "class_emb.", "blocks.", "head_nm.") + (("head.",) if head else ())
+        weights = {name: teacher_state[name] for name in own if name.startswith(parts)}
+        weights["pos_start"] = teacher_state["pos_start"]
+        for name, dim in (("lvl_embed.weight", 0), ("pos_1LC", 1)):
+            table, source = own[name].clone(), teacher_state[name]
+            table.narrow(dim, 0, 1).copy_(source.narrow(dim, 0, 1))
+            table.narrow(dim, 2, table.shape[dim] - 2).copy_(source.narrow(dim, 1, source.shape[dim] - 1))
+            weights[name] = table
+        return weights
 
     @torch.no_grad()
     def init_new_parameters(self) -> None:
