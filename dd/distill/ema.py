@@ -39,6 +39,15 @@ class EMA(nn.Module):
             shadow.copy_(live)
         self.num_updates += 1
 
+    @torch.no_grad()
+    def sync(self, model: nn.Module) -> None:
+        """Set the shadow to ``model``'s current parameters and buffers (a new starting point: DD2's generator
+        re-initialisation); ``num_updates`` and so the decay warm-up continue where they were."""
+        for shadow, live in zip(self.shadow.parameters(), model.parameters()):
+            shadow.copy_(live.detach())
+        for shadow, live in zip(self.shadow.buffers(), model.buffers()):
+            shadow.copy_(live)
+
 
 def export_student(path: str | os.PathLike[str], ema_state: dict[str, torch.Tensor],
                    model_state: dict[str, torch.Tensor], config: dict[str, Any],

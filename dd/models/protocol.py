@@ -85,6 +85,14 @@ class ARFamily(Protocol):
         teacher's logits for token i come from (it sees only the ids of earlier timesteps); no label dropout."""
         ...
 
+    def student_weights_from_trunk(self, student: torch.nn.Module, trunk: torch.nn.Module
+                                   ) -> dict[str, torch.Tensor]:
+        """DD2's ``generator_init=ar_diffusion``: the entries of ``student``'s state dict that DD's initialisation
+        from the teacher fills, taken from ``trunk`` (a :meth:`feature_trunk`, e.g. fine-tuned by GTS) instead,
+        for ``student.load_state_dict(weights, strict=False)``. The logits head, which a trunk lacks, is not among
+        them; a table the initialisation fills only in part keeps ``student``'s values elsewhere."""
+        ...
+
     def set_fast_path(self, fast_path: str) -> None:
         """How teacher generation runs its steps from now on (:data:`dd.acceleration.FAST_PATHS`); the tokens are
         the eager path's. A family may run some of its loop eager whatever the setting (it says so)."""

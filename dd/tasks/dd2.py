@@ -5,7 +5,8 @@ family's DD student, exported like a DD run so ``dd.eval`` samples it unchanged)
 AR-diffusion model built from the teacher's trunk). Per batch of (label, noise) drawn from per-sample seeds:
 
 1. the first ``gts_steps`` batches initialise the guidance network by regressing the analytic teacher denoiser
-   (GTS) on tokens drawn from the teacher's own per-position distributions given the generator's prefixes;
+   (GTS) on tokens drawn from the teacher's own per-position distributions given the generator's prefixes; with
+   ``generator_init=ar_diffusion`` the last of them then copies the fine-tuned trunk into the generator (and its EMA);
 2. afterwards each batch makes one generator update (conditional score distillation, ``loss_form`` dmd or sid) and
    the generator's EMA update, then ``fake_updates`` guidance updates (score matching on the same generated tokens,
    detached).
@@ -111,7 +112,7 @@ class DD2Task(StepIndexedData, L.LightningModule):
 
     def __init__(self, family: ARFamily, generator: torch.nn.Module, fake: ARDenoiser, sampling: SamplingConfig,
                  config: DD2Config, ema_decay: float, train_data: Dataset, val_data: Dataset, batch_size: int,
-                 num_workers: int = 0, seed: int = 0) -> None:
+                 num_workers: int = 0, seed: int = 0, generator_from_guidance: bool = False) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.family = family
@@ -124,6 +125,21 @@ class DD2Task(StepIndexedData, L.LightningModule):
         self.train_data, self.val_data = train_data, val_data
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.register_buffer("batches_seen", torch.zeros((), dtype=torch.long))
+        self.generator_from_guidance = generator_from_guidance
+        if generator_from_guidance and config.gts_steps == 0:  # no GTS: the AR-diffusion trunk is the teacher's
+            self._init_generator_from_guidance()
+
+    def _init_generator_from_guidance(self) -> None:
+        """``method.generator_init=ar_diffusion``: the generator's parameters that DD's initialisation copied from the
+        teacher take the AR-diffusion (guidance) trunk's current weights (the family's mapping), and the EMA
+        restarts from the result. Runs once, at the end of the last GTS batch; a checkpoint taken from then on
+        holds the copied weights, so a resumed run neither repeats nor misses it."""
+        weights = self.family.student_weights_from_trunk(self.student, self.fake.trunk)
+        with torch.no_grad():
+            unexpected = self.student.load_state_dict(weights, strict=False).unexpected_keys
+        if unexpected:
+            raise RuntimeError(f"family.student_weights_from_trunk gave entries the generator lacks: {unexpected}")
+        self.ema.sync(self.student)
 
     def train(self, mode: bool = True) -> "DD2Task":
         super().train(mode)
@@ -195,6 +211,8 @@ class DD2Task(StepIndexedData, L.LightningModule):
             s, eps = self._levels(shape, generator)
             loss = gts_loss(self.fake, labels, ids, codebook[drawn], log_probs, codebook, s, eps)
             self._update(fake_opt, loss, self.fake.parameters())
+            if self.generator_from_guidance and int(self.batches_seen) == cfg.gts_steps:  # GTS ends here
+                self._init_generator_from_guidance()
             self.log_dict({"train/loss": loss, "train/dd2_gts": loss}, prog_bar=True, on_step=True, on_epoch=False,
                           batch_size=labels.shape[0])
             return
@@ -247,11 +265,12 @@ class DD2Task(StepIndexedData, L.LightningModule):
 def build_dd2_task(cfg: dict[str, Any], spec: Any, family: ARFamily, pairs: tuple[Dataset, Dataset] | None = None
                    ) -> DD2Task:
     """The DD2 task of a resolved ``dd.train`` config with ``method=dd2``: generator from the teacher (or the DD
-    student export ``method.generator_init`` names), guidance network from the teacher's trunk. ``pairs`` (train,
-    validation): DD pair datasets, used instead of fresh noise when ``method.dd_weight > 0``."""
+    student export ``method.generator_init`` names; ``ar_diffusion``: from the teacher, then from the guidance
+    network's trunk when GTS ends), guidance network from the teacher's trunk. ``pairs`` (train, validation): DD pair
+    datasets, used instead of fresh noise when ``method.dd_weight > 0``."""
     config = dd2_config(cfg["method"])
     init = str(cfg["method"].get("generator_init") or "teacher")
-    if init == "teacher":
+    if init in ("teacher", "ar_diffusion"):
         generator = spec.build_student(family.codebook(), init="teacher", teacher=family.teacher)
     else:
         generator = spec.build_student(family.codebook(), init="checkpoint", checkpoint=init)
@@ -270,7 +289,7 @@ def build_dd2_task(cfg: dict[str, Any], spec: Any, family: ARFamily, pairs: tupl
             raise ValueError("method.dd_weight > 0 needs pairs (data.pairs_dir)")
         train, val = pairs
     return DD2Task(family, generator, fake, spec.sampling, config, float(cfg["ema_decay"]), train, val, batch,
-                   int(cfg["num_workers"]), seed)
+                   int(cfg["num_workers"]), seed, generator_from_guidance=init == "ar_diffusion")
 
 
 def export_schedule(cfg: dict[str, Any], spec: Any) -> dict[str, Any]:

@@ -102,6 +102,11 @@ class LlamaGenFamily:
     def feature_trunk(self) -> torch.nn.Module:
         return LlamaGenFeatureTrunk(self.teacher)
 
+    def student_weights_from_trunk(self, student: torch.nn.Module, trunk: torch.nn.Module
+                                   ) -> dict[str, torch.Tensor]:
+        """Class table, blocks and final norm of the trunk's teacher copy (the student's names are the teacher's)."""
+        return student.weights_from_teacher(trunk.model.state_dict(), head=False)
+
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, L, d) continuous tokens -> images (B, 3, H, W) in about [-1, 1] (differentiable: perceptual losses)."""
         return self.tokenizer.decode_tokens(tokens.float(), self.grid)

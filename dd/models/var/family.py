@@ -109,6 +109,12 @@ class VARFamily:
     def feature_trunk(self) -> torch.nn.Module:
         return VARFeatureTrunk(self.teacher, self.tokenizer)
 
+    def student_weights_from_trunk(self, student: torch.nn.Module, trunk: torch.nn.Module
+                                   ) -> dict[str, torch.Tensor]:
+        """Embeddings, blocks and head norm of the trunk's teacher copy, the level and position tables shifted by
+        the student's extra first scale (``VARDDStudent.weights_from_teacher``)."""
+        return student.weights_from_teacher(trunk.model.state_dict(), head=False)
+
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, L, Cvae) continuous tokens -> images (B, 3, H, W) in [-1, 1] (differentiable: perceptual losses)."""
         return self.tokenizer.decode_tokens(tokens.float())
