@@ -314,11 +314,13 @@ def test_flow_map_chunks_and_vocab_streaming_compile_too(fast_compile: None) -> 
     torch.testing.assert_close(fast.endpoint, eager.endpoint, atol=1e-5, rtol=1e-5)
 
 
-def test_compiled_support_restricted_flow_map_gives_the_eager_tokens(fast_compile: None) -> None:
-    """The compiled solve takes the support-restricted form too (``support="auto"`` compacts supports <= V/4); the
-    support width changes from call to call: one more compile (dynamic), then reused."""
+@pytest.mark.parametrize("dim", [8, 32])
+def test_compiled_support_restricted_flow_map_gives_the_eager_tokens(dim: int, fast_compile: None) -> None:
+    """The compiled solve takes both support-restricted forms too (8-d: gathered, 32-d: shared; ``support="auto"``
+    compacts supports <= V/4 in both); the support width changes from call to call: one more compile (dynamic),
+    then reused."""
     for rows, keep in (((4,), 8), ((2, 9), 12), ((3, 16), 5), ((2, 4), 16)):
-        noise, log_probs, codebook = _flow_case(rows, 64, 8, seed=rows[-1] + keep)
+        noise, log_probs, codebook = _flow_case(rows, 64, dim, seed=rows[-1] + keep)
         kth = log_probs.topk(keep, dim=-1).values[..., -1:]
         log_probs = log_probs.masked_fill(log_probs < kth, float("-inf"))  # top-k (normalisation is irrelevant)
         config = FlowMapConfig(num_steps=12)

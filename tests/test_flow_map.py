@@ -389,6 +389,27 @@ def test_support_restricted_solve_equals_the_dense_solve(solver, kind, style):
     assert bool(torch.isfinite(lp.gather(1, dense.indices[:, None])).all())
 
 
+@pytest.mark.parametrize("kind", ["d8_l2", "d32_raw"])
+def test_both_forms_of_the_restricted_solve_equal_the_dense_solve(kind, monkeypatch):
+    """The gathered form (per-row codebook copies) and the shared form (one GEMM against the whole codebook) are
+    the same ODE whatever the codebook's dimension: force each form on both kinds (``GATHER_MAX_DIM``)."""
+    from dd.flow import token_map
+
+    noise, lp, c = _support_case(kind, "mixed", seed=5)
+    for solver in ("euler", "dpmpp_2m"):
+        dense = map_noise_to_tokens(noise, lp, c, FlowMapConfig(solver=solver, num_steps=20, support="dense"))
+        for limit in (0, 64):  # 0: every codebook takes the shared form; 64: every one the gathered form
+            monkeypatch.setattr(token_map, "GATHER_MAX_DIM", limit)
+            for chunk_size in (4096, 7):
+                cfg = FlowMapConfig(solver=solver, num_steps=20, chunk_size=chunk_size, support="compact")
+                _assert_same_map(map_noise_to_tokens(noise, lp, c, cfg), dense)
+            for extra in (dict(compute_dtype="float64"), dict(vocab_chunk_size=37)):
+                atol = 1e-9 if extra.get("compute_dtype") == "float64" else 1e-5
+                dense_extra = map_noise_to_tokens(noise, lp, c, FlowMapConfig(num_steps=12, support="dense", **extra))
+                compact = map_noise_to_tokens(noise, lp, c, FlowMapConfig(num_steps=12, support="compact", **extra))
+                _assert_same_map(compact, dense_extra, atol)
+
+
 def test_support_restricted_solve_with_streaming_float64_and_leading_dims():
     noise, lp, c = _support_case("d32_raw", "mixed", n=60, seed=3)
     for extra in (dict(vocab_chunk_size=37), dict(vocab_chunk_size=37, chunk_size=7), dict(compute_dtype="float64")):
@@ -439,10 +460,10 @@ def test_auto_support_compacts_exactly_the_chunks_with_small_supports(monkeypatc
     assert k_max[2] == 512 and max(k_max[0], k_max[1], k_max[3]) <= token_map.AUTO_SUPPORT_FRACTION * 512
 
     def blocks(chunks: list[int]) -> list[tuple[int, int]]:  # (rows, k) of every restricted block of 5-row chunks
-        rows = [token_map._block_rows(FlowMapConfig(chunk_size=5), k_max[i], 512, "cpu") for i in chunks]
+        rows = [token_map._block_rows(FlowMapConfig(chunk_size=5), k_max[i], 512, "cpu", 8) for i in chunks]
         return [(min(r, 5 - j), k_max[i]) for i, r in zip(chunks, rows) for j in range(0, 5, r)]
 
-    assert blocks([2]) == [(1, 512)] * 5  # full support: split by the memory bound (V + 8 V > 2 V a row)
+    assert blocks([2]) == [(1, 512)] * 5  # full support: split by the memory bound (V + 8 V + 34 V > 2 V a row)
     for support, expected in (("dense", []), ("auto", blocks([0, 1, 3])), ("compact", blocks([0, 1, 2, 3]))):
         calls.clear()
         map_noise_to_tokens(noise, lp, c, FlowMapConfig(num_steps=3, chunk_size=5, support=support))
@@ -451,13 +472,17 @@ def test_auto_support_compacts_exactly_the_chunks_with_small_supports(monkeypatc
     # on CPU every solve (dense too) runs blocks of <= 2**19 logits (cache)
     rows = token_map._block_rows
     cfg = FlowMapConfig(chunk_size=4096)
-    assert rows(cfg, 4096, 4096, "cuda") == 2 * 4096 // 9 and rows(cfg, 400, 4096, "cuda") == 4096
-    assert rows(cfg, None, 4096, "cuda") == 4096 and rows(cfg, None, 4096, "cpu") == rows(cfg, 400, 4096, "cpu") == 128
+    assert rows(cfg, 4096, 4096, "cuda", 32) == 2 * 4096 // 9 and rows(cfg, 400, 4096, "cuda", 32) == 4096
+    assert rows(cfg, None, 4096, "cuda", 32) == 4096
+    assert rows(cfg, None, 4096, "cpu", 32) == rows(cfg, 400, 4096, "cpu", 32) == 128
     streaming = FlowMapConfig(chunk_size=4096, vocab_chunk_size=64)
-    assert rows(streaming, 900, 4096, "cuda") == 2 * 4096 * 64 // (4096 + 8 * 900)
-    assert rows(streaming, None, 2**20, "cpu") == 4096  # streaming dense: (rows, 64) logits blocks
-    assert rows(FlowMapConfig(chunk_size=4096, vocab_chunk_size=1024), None, 2**20, "cpu") == 2**19 // 1024
-    assert rows(FlowMapConfig(chunk_size=1), 10**6, 10**6, "cuda") == rows(cfg, None, 2**20, "cpu") == 1
+    assert rows(streaming, 900, 4096, "cuda", 32) == 2 * 4096 * 64 // (4096 + 8 * 900)
+    assert rows(streaming, None, 2**20, "cpu", 32) == 4096  # streaming dense: (rows, 64) logits blocks
+    assert rows(FlowMapConfig(chunk_size=4096, vocab_chunk_size=1024), None, 2**20, "cpu", 32) == 2**19 // 1024
+    assert rows(FlowMapConfig(chunk_size=1), 10**6, 10**6, "cuda", 32) == rows(cfg, None, 2**20, "cpu", 32) == 1
+    # the gathered form (d <= GATHER_MAX_DIM) also holds two per-row copies of k (2 d + 1) floats
+    assert rows(cfg, 8000, 16384, "cuda", 8) == 2 * 4096 * 16384 // (16384 + 8 * 8000 + 2 * 8000 * 17)
+    assert rows(cfg, 8000, 16384, "cpu", 8) == 2**19 // 16384
 
 
 def test_cuda_graph_solves_dense_and_refuses_a_forced_compact(monkeypatch):
@@ -467,10 +492,14 @@ def test_cuda_graph_solves_dense_and_refuses_a_forced_compact(monkeypatch):
         FlowMapConfig(support="compact", fast_path="cuda_graph")
     monkeypatch.setattr(token_map, "require_cuda_graphs", lambda *args, **kwargs: None)  # CPU-only machines
     graphed = FlowMapConfig(fast_path="cuda_graph")
-    assert graphed.support == "auto" and not token_map._compacts(graphed, 1, 4096)
-    assert token_map._compacts(FlowMapConfig(), 1024, 4096) and not token_map._compacts(FlowMapConfig(), 1025, 4096)
-    assert token_map._compacts(FlowMapConfig(support="compact"), 4096, 4096)
-    assert not token_map._compacts(FlowMapConfig(support="dense"), 1, 4096)
+    compacts = token_map._compacts
+    assert graphed.support == "auto" and not compacts(graphed, 1, 4096, 32) and not compacts(graphed, 1, 4096, 8)
+    assert compacts(FlowMapConfig(), 1024, 4096, 32) and not compacts(FlowMapConfig(), 1025, 4096, 32)
+    # gathered form (8-d codebooks): up to 0.4 V; LlamaGen's top-k 8000 of 16384 (0.49 V) stays dense
+    assert compacts(FlowMapConfig(), 6553, 16384, 8) and not compacts(FlowMapConfig(), 6554, 16384, 8)
+    assert not compacts(FlowMapConfig(), 8000, 16384, 8) and compacts(FlowMapConfig(), 1638, 4096, 8)
+    assert compacts(FlowMapConfig(support="compact"), 4096, 4096, 32) and compacts(FlowMapConfig(support="compact"), 4096, 4096, 8)
+    assert not compacts(FlowMapConfig(support="dense"), 1, 4096, 32) and not compacts(FlowMapConfig(support="dense"), 1, 4096, 8)
 
 
 def test_support_benchmark_script_times_both_forms(monkeypatch, capsys):

@@ -86,6 +86,19 @@ SUPPORTS = ("auto", "dense", "compact")
 #: restricted solve takes 0.81-0.85 (8-d codebook, V = 16384) / 0.71 (32-d, V = 4096) of the dense time; it breaks
 #: even at ~0.35 V / ~0.5 V)
 AUTO_SUPPORT_FRACTION = 0.25
+#: codebooks of at most this many dimensions solve a support-restricted block in the *gathered* form: every row's
+#: support columns of ``[C^T; ||c||^2]`` and ``C^T`` are gathered once per position / scale, then each step is two
+#: batched matrix-vector products and a softmax over the k support entries only (no full-width distance matmul, no
+#: per-step gather). Wider tokens keep the *shared* form (one GEMM against the whole codebook, gathered at the
+#: support), where the gathered copy (k (2 d + 1) floats a row) costs more memory traffic than it saves. Measured on
+#: CPU (1 thread, ``scripts/bench_flow_support.py``, ``docs/flow_map_study.md``, "Support restriction"): V = 16384,
+#: d = 8, k = V/4: gathered 0.66x (8 rows) / 0.44x (256 rows) of the dense time, shared 0.85x / 0.81x; in a
+#: micro-benchmark at V = 4096, d = 32, k = 900, 256 rows: gathered ~1.8x, shared ~0.6x of dense.
+GATHER_MAX_DIM = 16
+#: ``support="auto"`` compacts a gathered-form chunk (d <= GATHER_MAX_DIM) whose largest support is at most this
+#: fraction of V (measured at V = 16384, d = 8: 0.92x (8 rows) / 0.77x (256 rows) of the dense time at 0.40 V,
+#: break-even at ~0.45-0.5 V with 8 rows: LlamaGen's top-k 8000 of 16384 stays dense)
+AUTO_SUPPORT_FRACTION_GATHERED = 0.4
 #: on CPU a solve runs row blocks of at most this many logits per step (2**19 floats = 2 MB, e.g. 128 rows for
 #: V = 4096), so that they stay in cache: measured 1.3x (V = 4096, d = 32, 1024 rows) to 1.7x (V = 16384, d = 8,
 #: 256 rows) faster than one block (dense; 1.4x / 1.7x support-restricted)
@@ -130,10 +143,12 @@ class FlowMapConfig:
             support (its finite log-probs), every row chunk padded to its largest support ``k``; codes with
             ``p = 0`` have posterior weight exactly 0, so this is the same ODE (endpoints equal within float
             rounding, same tokens in practice; the snap stays over the whole codebook). ``"auto"`` (default):
-            compact for a chunk whose largest support is <= ``AUTO_SUPPORT_FRACTION`` (0.25) x V, dense otherwise.
+            compact for a chunk whose largest support is <= ``AUTO_SUPPORT_FRACTION`` (0.25) x V, dense otherwise;
+            for codebooks of <= ``GATHER_MAX_DIM`` dimensions, whose restricted solve gathers every row's support
+            codebook once and then never touches the other codes, up to ``AUTO_SUPPORT_FRACTION_GATHERED`` (0.4) x V.
             Measured on CPU (``docs/flow_map_study.md``): VAR-d16's top-k 900 / top-p 0.95 of 4096 is compacted
             (solves ~1.5x faster; pair-generation overhead +7.6% -> +4.9%); LlamaGen's top-k 8000 of 16384 (49 %)
-            stays dense, where the compact form is 1.2-1.3x slower (it still pays the full distance matmul). The
+            stays dense, where the restricted form is no faster (it breaks even at ~0.45-0.5 V). The
             ``"cuda_graph"`` fast path always solves dense (a captured graph needs fixed shapes, and ``k`` changes
             from position to position), so ``"compact"`` cannot be combined with it; ``"compile"`` takes both
             forms. An execution setting like ``fast_path``: not part of a pair directory's identity.
@@ -295,16 +310,25 @@ class _Codebook(NamedTuple):
 
 def _posterior_mean_rows(
     x: Tensor, t: float, log_probs: Tensor, cb: _Codebook, vocab_chunk_size: Optional[int],
-    support: Optional[Tensor] = None,
+    support: Optional[Tensor] = None, gathered: Optional[tuple[Tensor, Tensor]] = None,
 ) -> Tensor:
     """``c_hat`` for one row chunk; x (n, d), log_probs (n, V), both in the compute dtype. With ``support`` (n, k)
     int64, every row's support columns (see :func:`_support_indices`), ``log_probs`` (n, k) are the log-probs at
-    those columns (-inf at the padding)."""
+    those columns (-inf at the padding). With ``gathered`` (:func:`_gather_support`: ``[C^T; ||c||^2]`` (n, d + 1, k)
+    and ``C^T`` (n, d, k) at every row's support columns), ``log_probs`` are (n, k) likewise and ``support`` is
+    unused."""
     a = 1.0 - t
     alpha = a / (t * t)  # coefficient of x.c_k
     beta = -0.5 * a * a / (t * t)  # coefficient of ||c_k||^2
     V = cb.c.shape[0]
     vb = V if vocab_chunk_size is None or vocab_chunk_size >= V else vocab_chunk_size
+
+    if gathered is not None:  # per-row codebooks: two batched matrix-vector products, softmax over k only
+        ct_aug_rows, ct_rows = gathered
+        x_aug = torch.cat([x * alpha, x.new_full((x.shape[0], 1), beta)], dim=1)
+        logits = torch.baddbmm(log_probs[:, None, :], x_aug[:, None, :], ct_aug_rows)
+        weights = torch.softmax(logits, dim=2)  # padding (-inf) gets weight exactly 0
+        return torch.bmm(weights, ct_rows.transpose(1, 2)).squeeze(1)
 
     if support is not None or vb == V:
         # [alpha * x, beta] @ [c^T; ||c||^2] folds both distance terms into one addmm
@@ -404,14 +428,15 @@ def _lambda(t: float) -> float:
 
 
 def _integrate_rows(x: Tensor, log_probs: Tensor, cb: _Codebook, solver: str, vocab_chunk_size: Optional[int],
-                    ts: list[float], support: Optional[Tensor] = None) -> Tensor:
+                    ts: list[float], support: Optional[Tensor] = None,
+                    gathered: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
     """Run the solver for one row chunk (x: (n, d) noise at t = 1, already in the compute dtype); over the rows'
-    supports when ``support`` (n, k) is given."""
+    supports when ``support`` (n, k) or ``gathered`` (see :func:`_posterior_mean_rows`) is given."""
     n_steps = len(ts) - 1
     vc = vocab_chunk_size
 
     def D(xx: Tensor, tt: float) -> Tensor:
-        return _posterior_mean_rows(xx, tt, log_probs, cb, vc, support)
+        return _posterior_mean_rows(xx, tt, log_probs, cb, vc, support, gathered)
 
     if solver == "euler":
         for i in range(n_steps):
@@ -496,10 +521,13 @@ def _support_indices(log_probs: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 
 def _solve_rows(x: Tensor, log_probs: Tensor, c: Tensor, ct: Tensor, sq: Tensor, ct_aug: Tensor, solver: str,
-                ts: tuple[float, ...], vocab_chunk_size: Optional[int], support: Optional[Tensor] = None) -> Tensor:
+                ts: tuple[float, ...], vocab_chunk_size: Optional[int], support: Optional[Tensor] = None,
+                ct_aug_rows: Optional[Tensor] = None, ct_rows: Optional[Tensor] = None) -> Tensor:
     """:func:`_integrate_rows` on plain tensors: the capture-safe unit that the compiled and CUDA-graph fast paths
     run (no host synchronisation; the time grid and solver are constants of the program)."""
-    return _integrate_rows(x, log_probs, _Codebook(c, ct, sq, ct_aug), solver, vocab_chunk_size, list(ts), support)
+    gathered = None if ct_aug_rows is None or ct_rows is None else (ct_aug_rows, ct_rows)
+    return _integrate_rows(x, log_probs, _Codebook(c, ct, sq, ct_aug), solver, vocab_chunk_size, list(ts), support,
+                           gathered)
 
 
 _FAST_SOLVES: dict[tuple[str, str], Callable[..., Tensor]] = {}
@@ -518,30 +546,47 @@ def _fast_solve(fast_path: str, device_type: str) -> Callable[..., Tensor]:
 
 
 def _solve_chunk(x: Tensor, log_probs: Tensor, cb: _Codebook, config: FlowMapConfig, ts: list[float],
-                 support: Optional[Tensor] = None) -> Tensor:
+                 support: Optional[Tensor] = None, gathered: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
     if config.fast_path == "eager":
-        return _integrate_rows(x, log_probs, cb, config.solver, config.vocab_chunk_size, ts, support)
+        return _integrate_rows(x, log_probs, cb, config.solver, config.vocab_chunk_size, ts, support, gathered)
     solve = _fast_solve(config.fast_path, x.device.type)
     args = (x, log_probs, cb.c, cb.ct, cb.sq, cb.ct_aug, config.solver, tuple(ts), config.vocab_chunk_size)
+    if gathered is not None:
+        return solve(*args, None, *gathered)
     return solve(*args) if support is None else solve(*args, support)
 
 
-def _compacts(config: FlowMapConfig, k: int, V: int) -> bool:
-    """Whether a row chunk whose largest support is ``k`` is solved over the supports (``FlowMapConfig.support``)."""
+def _gathers(d: int) -> bool:
+    """Whether support-restricted blocks of a d-dimensional codebook use the gathered form (``GATHER_MAX_DIM``)."""
+    return d <= GATHER_MAX_DIM
+
+
+def _gather_support(cb: _Codebook, support: Tensor) -> tuple[Tensor, Tensor]:
+    """Every row's support columns of ``[C^T; ||c||^2]`` (n, d + 1, k) and ``C^T`` (n, d, k), contiguous."""
+    return (cb.ct_aug.t()[support].transpose(1, 2).contiguous(), cb.c[support].transpose(1, 2).contiguous())
+
+
+def _compacts(config: FlowMapConfig, k: int, V: int, d: int) -> bool:
+    """Whether a row chunk whose largest support is ``k`` is solved over the supports (``FlowMapConfig.support``);
+    ``d``: the codebook's dimension (the gathered form is worth it up to a larger support)."""
     if config.support == "dense" or config.fast_path == "cuda_graph":
         return False
-    return config.support == "compact" or k <= AUTO_SUPPORT_FRACTION * V
+    fraction = AUTO_SUPPORT_FRACTION_GATHERED if _gathers(d) else AUTO_SUPPORT_FRACTION
+    return config.support == "compact" or k <= fraction * V
 
 
-def _block_rows(config: FlowMapConfig, k: Optional[int], V: int, device_type: str) -> int:
+def _block_rows(config: FlowMapConfig, k: Optional[int], V: int, device_type: str, d: int) -> int:
     """Rows solved at once: ``chunk_size``; over supports of size ``k`` (``None``: dense) at most the memory of a
     dense chunk, ~2 x chunk_size x min(V, vocab_chunk_size) floats (logits + weights), for ~V + 8 k floats a row (the
-    full logits, the gathered logits, weights and int64 columns, and the index construction's temporaries). On CPU
-    also at most ``_CPU_BLOCK`` logits (the (rows, V) block, or (rows, vocab_chunk_size) when streaming dense)."""
+    full logits, the gathered logits, weights and int64 columns, and the index construction's temporaries) plus, in
+    the gathered form (``d <= GATHER_MAX_DIM``), the two gathered codebooks and their unpermuted copies, 2 k (2 d + 1)
+    floats. On CPU also at most ``_CPU_BLOCK`` logits (the (rows, V) block, or (rows, vocab_chunk_size) when
+    streaming dense)."""
     width = V if config.vocab_chunk_size is None else min(V, config.vocab_chunk_size)
     rows = config.chunk_size
     if k is not None:
-        rows = max(1, min(rows, 2 * config.chunk_size * width // (V + 8 * k)))
+        per_row = V + 8 * k + (2 * k * (2 * d + 1) if _gathers(d) else 0)
+        rows = max(1, min(rows, 2 * config.chunk_size * width // per_row))
     if device_type == "cpu":
         rows = min(rows, max(1, _CPU_BLOCK // (width if k is None else V)))
     return rows
@@ -579,12 +624,17 @@ def _integrate_all(noise: Tensor, log_probs: Tensor, codebook: Tensor, config: F
         x = x_all[i : i + cs].to(dtype=dtype, copy=True)
         lp = lp_all[i : i + cs].to(device=device, dtype=dtype)
         k = chunk_support[chunk]
-        compact = _compacts(config, k, V)
-        rows = _block_rows(config, k if compact else None, V, device.type)
+        compact = _compacts(config, k, V, d)
+        rows = _block_rows(config, k if compact else None, V, device.type, d)
         for j in range(0, x.shape[0], rows):
             block = slice(j, min(j + rows, x.shape[0]))
             if compact:  # the solve over the block's supports (log-probs and codebook rows gathered per row)
                 support, lp_support = _support_indices(lp[block], k)
+                if _gathers(d):
+                    gathered = _gather_support(cb, support)
+                    out[i + block.start : i + block.stop] = _solve_chunk(x[block], lp_support, cb, config, ts,
+                                                                         gathered=gathered)
+                    continue
                 out[i + block.start : i + block.stop] = _solve_chunk(x[block], lp_support, cb, config, ts, support)
             else:
                 out[i + block.start : i + block.stop] = _solve_chunk(x[block], lp[block], cb, config, ts)
