@@ -43,15 +43,31 @@ from dd.sampling.choosers import SeededMultinomialChooser
 from dd.sampling.seeds import per_sample_normal, per_sample_uniform, sample_seeds
 
 REPO = Path(__file__).resolve().parents[1]
-SETTINGS = [("dpmpp_2m", 25, "uniform"), ("dpmpp_2m", 50, "uniform"), ("dpmpp_2m", 100, "uniform"), ("euler", 200, "uniform")]
+SETTINGS = [("dpmpp_2m", 25, "uniform", 2.0), ("dpmpp_2m", 50, "uniform", 2.0), ("dpmpp_2m", 100, "uniform", 2.0),
+            ("euler", 200, "uniform", 2.0)]
 
 
-def parse_setting(text: str) -> tuple[str, int, str]:
-    """``solver:steps[:grid]`` -> (solver, steps, grid)."""
+def parse_setting(text: str) -> tuple[str, int, str, float]:
+    """``solver:steps[:grid]`` -> (solver, steps, grid, grid power); grid ``powerP`` (e.g. ``power1.5``) is the power
+    grid with exponent P (``FlowMapConfig.grid_power``), ``power`` alone exponent 2."""
     parts = text.strip().split(":")
     if len(parts) not in (2, 3):
-        raise SystemExit(f"--settings entry {text!r}: expected solver:steps[:grid], e.g. dpmpp_2m:100")
-    return parts[0], int(parts[1]), parts[2] if len(parts) == 3 else "uniform"
+        raise SystemExit(f"--settings entry {text!r}: expected solver:steps[:grid], e.g. dpmpp_2m:100 or "
+                         "dpmpp_2m:50:power1.5")
+    grid = parts[2] if len(parts) == 3 else "uniform"
+    power = 2.0
+    if grid.startswith("power") and grid != "power":
+        try:
+            power = float(grid[len("power"):])
+        except ValueError:
+            raise SystemExit(f"--settings entry {text!r}: grid {grid!r} is not power<number>, e.g. power1.5") from None
+        grid = "power"
+    return parts[0], int(parts[1]), grid, power
+
+
+def setting_name(setting: tuple[str, int, str, float]) -> str:
+    solver, steps, grid, power = setting
+    return f"{solver} {steps} steps ({grid}{f' {power:g}' if grid == 'power' else ''})"
 
 
 def _sync(device: torch.device) -> None:
@@ -116,10 +132,11 @@ def main() -> None:
         with autocast:
             family.teacher_generate(labels, 0, family.num_timesteps, None, sampling, chooser)
 
-    def flow(setting: tuple[str, int, str], flow_path: str, support: str) -> None:
-        solver, steps, grid = setting
+    def flow(setting: tuple[str, int, str, float], flow_path: str, support: str) -> None:
+        solver, steps, grid, power = setting
         noise = per_sample_normal(seeds, (length, dim), device=device)
-        config = FlowMapConfig(solver=solver, num_steps=steps, time_grid=grid, fast_path=flow_path, support=support)
+        config = FlowMapConfig(solver=solver, num_steps=steps, time_grid=grid, grid_power=power, fast_path=flow_path,
+                               support=support)
         chooser = FlowChooser(noise, codebook, config)
         with autocast:
             family.teacher_generate(labels, 0, family.num_timesteps, None, sampling, chooser)
@@ -140,7 +157,7 @@ def main() -> None:
                 for support in supports:
                     suffix = "" if flow_path == "eager" else f" [flow {flow_path}]"
                     suffix += "" if supports == ["auto"] else f" [support {support}]"
-                    rows[f"{setting[0]} {setting[1]} steps ({setting[2]}){suffix}"] = \
+                    rows[f"{setting_name(setting)}{suffix}"] = \
                         lambda s=setting, f=flow_path, u=support: flow(s, f, u)
         plain()  # warm-up (and the teacher path's compile / capture)
         for name, fn in rows.items():

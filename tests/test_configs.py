@@ -42,6 +42,26 @@ def test_every_model_preset_composes_and_builds_on_meta(root: str, model: str) -
     assert 0 <= spec.default_split_t <= spec.num_timesteps
 
 
+@pytest.mark.parametrize("model", _options("model"))
+def test_flow_map_defaults_follow_the_presets_codebook_and_yield_to_overrides(model: str) -> None:
+    """The real LlamaGen presets (V = 16384 x 8) take the study's cheapest passing setting at that shape (50 steps,
+    power-1.5 grid); every other preset the global default (100 uniform steps); ``flow.*=`` overrides either, and
+    every composed setting is a valid FlowMapConfig."""
+    from dd.flow import FlowMapConfig
+
+    flow = compose_cfg("generate_pairs", [f"model={model}"])["flow"]
+    config = FlowMapConfig(**flow)
+    spec = instantiate(compose_cfg("generate_pairs", [f"model={model}"])["model"], _convert_="all")
+    vocab, dim = spec.meta_models()[0].codebook().shape
+    if model in ("gpt_b", "gpt_l", "gpt_xl"):
+        assert (vocab, dim) == (16384, 8)
+        assert (config.solver, config.num_steps, config.time_grid, config.grid_power) == ("dpmpp_2m", 50, "power", 1.5)
+    else:
+        assert (config.solver, config.num_steps, config.time_grid) == ("dpmpp_2m", 100, "uniform")
+    overridden = compose_cfg("generate_pairs", [f"model={model}", "flow.num_steps=200", "flow.time_grid=uniform"])
+    assert (overridden["flow"]["num_steps"], overridden["flow"]["time_grid"]) == (200, "uniform")
+
+
 @pytest.mark.parametrize("group", ["hardware", "logger", "schedule"])
 def test_every_option_of_the_shared_groups_composes(group: str) -> None:
     roots = [r for r in _roots(group) if group != "schedule" or r == "train"]
