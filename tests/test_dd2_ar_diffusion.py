@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import pytest
 import torch
 
 from dd.train import run as run_train
@@ -100,3 +101,20 @@ def test_ar_diffusion_init_resumes_on_either_side_of_the_gts_boundary(preset: st
         assert set(resumed) == set(straight)
         for name in straight:
             torch.testing.assert_close(resumed[name], straight[name], rtol=1e-6, atol=1e-6, msg=f"{stop}: {name}")
+
+
+def test_a_misspelt_generator_init_is_refused_naming_the_choices(tmp_path: Path) -> None:
+    """``ar-diffusion`` (a typo) is neither an initialisation nor a file: refused before anything is built, with the
+    accepted values; an existing export path passes the check."""
+    from dd.runs import ConfigError
+    from dd.tasks.dd2 import dd2_config
+    from dd.train import run as run_train
+
+    with pytest.raises(ConfigError, match=r"generator_init='ar-diffusion'.*teacher, ar_diffusion.*path"):
+        run_train(compose_cfg("train", _dd2_overrides(tmp_path, "gpt_test", **{"method.generator_init": "ar-diffusion"})))
+    assert not (tmp_path / "checkpoints").exists()
+    export = tmp_path / "student.pt"
+    export.write_bytes(b"")
+    method = compose_cfg("train", ["method=dd2"])["method"]
+    for value in ("teacher", "ar_diffusion", str(export), "hf://org/repo/student.pt"):
+        dd2_config({**method, "generator_init": value})

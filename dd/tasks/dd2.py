@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -87,8 +88,16 @@ class DD2Config:
 TASK_KEYS = ("name", "generator_init", "noise_pool", "val_samples")
 
 
+GENERATOR_INITS = ("teacher", "ar_diffusion")
+
+
 def dd2_config(method: dict[str, Any]) -> DD2Config:
-    """The DD2Config of a resolved ``method`` config group (raises TypeError / ValueError on bad settings)."""
+    """The DD2Config of a resolved ``method`` config group (raises TypeError / ValueError on bad settings, including
+    a ``generator_init`` that is neither a known initialisation nor an existing file or hub path)."""
+    init = str(method.get("generator_init") or "teacher")
+    if init not in GENERATOR_INITS and "://" not in init and not Path(init).expanduser().is_file():
+        raise ValueError(f"method.generator_init={init!r}: expected one of {', '.join(GENERATOR_INITS)} or the path "
+                         "of a DD student export (e.g. outputs/train/<run>/export/student_ema.pt); no such file")
     return DD2Config(**{k: v for k, v in method.items() if k not in TASK_KEYS})
 
 
