@@ -5,6 +5,8 @@
     python scripts/demo.py --profile long        # more pairs and steps (README: <= 60 minutes on 2 cores)
     python scripts/demo.py --pairs 30000 --steps 6000 --out outputs/demo_custom    # explicit sizes win over a profile
     python scripts/demo.py --method dd2          # DD2 (conditional score distillation, no pairs): outputs/demo_dd2
+    python scripts/demo.py --jobs 1              # families one after the other (default: one process per family,
+                                                 # up to the CPU count, each with its share of the cores)
 
 Per model: pairs -> training -> evaluation of the teacher, DD 1-step, DD 2-step and teacher-involved sampling with
 the same labels and seeds. With curve points (``--curve-points N``; the long profile: 6) the EMA student is also
@@ -19,7 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -236,18 +242,103 @@ def main() -> None:
     parser.add_argument("--teacher-start", type=int, default=None,
                         help="teacher_start_t of the teacher-involved row (default: a third of t_list[1])")
     parser.add_argument("--out", default=None, help="output folder (default: outputs/demo, outputs/demo_long)")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads per family (0: torch's default with --jobs 1, else the CPU count "
+                             "divided by the jobs)")
+    parser.add_argument("--jobs", type=int, default=0,
+                        help="families run at once, one process each (0: min(families, CPU count); 1: one after "
+                             "the other in this process). Results are the same either way (every draw is seeded "
+                             "per sample)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one family of a --jobs run
     args = parser.parse_args()
     suffix = "" if args.method == "dd" else f"_{args.method}"
     args.out = args.out or (f"outputs/demo{suffix}" if args.profile == "default" else f"outputs/demo{suffix}_{args.profile}")
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     out = Path(args.out)
-    reports = [run_model(model.strip(), args, out / model.strip()) for model in args.models.split(",")]
-    (out / "results.md").write_text("\n".join(reports))
-    print("\n".join(reports))
+    models = [model.strip() for model in args.models.split(",") if model.strip()]
+    cpus = os.cpu_count() or 1
+    jobs = min(len(models), args.jobs or cpus)
+    if jobs < 1:
+        raise SystemExit(f"--jobs={args.jobs} must be >= 0")
+    start = time.perf_counter()
+    if jobs > 1:
+        reports = _run_parallel(models, args, jobs, args.threads or max(1, cpus // jobs))
+    else:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        reports = [run_model(model, args, out / model) for model in models]
+    if args.worker:  # the parent gathers the report and writes the summary
+        (out / models[0] / "report.md").write_text(reports[0])
+        return
+    wall = time.perf_counter() - start
+    summary = "\n".join(reports) + (f"\nwall time for {len(models)} families with {jobs} job(s): {wall:.0f} s\n")
+    (out / "results.md").write_text(summary)
+    print(summary)
+
+
+def _worker_command(model: str, args: argparse.Namespace, threads: int) -> list[str]:
+    """This script's command line for one family of a parallel run (every size and setting passed on)."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--jobs", "1", "--models", model,
+               "--profile", args.profile, "--samples", str(args.samples), "--method", args.method,
+               "--out", str(args.out), "--threads", str(threads)]
+    for flag, value in (("--pairs", args.pairs), ("--steps", args.steps), ("--batch", args.batch),
+                        ("--curve-points", args.curve_points), ("--teacher-start", args.teacher_start)):
+        if value is not None:
+            command += [flag, str(value)]
+    for override in args.train_overrides:
+        command += ["--train-override", override]
+    return command
+
+
+PROGRESS_EVERY_S = 30
+
+
+def _last_line(log: Path) -> str:
+    """The newest progress line of a child's log (progress bars rewrite their line with carriage returns)."""
+    try:
+        with open(log, "rb") as handle:
+            handle.seek(max(0, log.stat().st_size - 4096))
+            text = handle.read().decode("utf-8", "replace")
+    except OSError:
+        return "starting"
+    lines = [line.strip() for line in text.replace("\r", "\n").split("\n") if line.strip()]
+    return lines[-1][:160] if lines else "starting"
+
+
+def _run_parallel(models: list[str], args: argparse.Namespace, jobs: int, threads: int) -> list[str]:
+    """One process per family, ``jobs`` at a time, ``threads`` torch threads each; their progress bars share the
+    terminal and each also logs to ``<out>/<model>/demo.log``. Returns the reports in ``models`` order."""
+    print(f"running {', '.join(models)} in {jobs} parallel processes ({threads} torch thread(s) each); logs: "
+          + ", ".join(str(Path(args.out) / m / "demo.log") for m in models), flush=True)
+
+    def one(model: str) -> str:
+        folder = Path(args.out) / model
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "report.md").unlink(missing_ok=True)
+        with open(folder / "demo.log", "w") as log:
+            done = subprocess.run(_worker_command(model, args, threads), stdout=log, stderr=subprocess.STDOUT)
+        if done.returncode != 0 or not (folder / "report.md").is_file():
+            tail = "".join((folder / "demo.log").read_text().splitlines(keepends=True)[-15:])
+            raise RuntimeError(f"the {model} demo failed (exit {done.returncode}); its log is {folder / 'demo.log'}:\n"
+                               f"{tail}")
+        print(f"{model}: done", flush=True)
+        return (folder / "report.md").read_text()
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(one, model) for model in models]
+        next_report = time.perf_counter() + PROGRESS_EVERY_S
+        while not all(f.done() for f in futures):  # progress: every family's latest log line, now and then
+            time.sleep(0.5)
+            if time.perf_counter() >= next_report:
+                next_report += PROGRESS_EVERY_S
+                for model, future in zip(models, futures):
+                    if not future.done():
+                        print(f"[{model}] {_last_line(Path(args.out) / model / 'demo.log')}", flush=True)
+        failures = [f.exception() for f in futures if f.exception() is not None]
+    if failures:
+        raise SystemExit("\n\n".join(str(err) for err in failures))
+    return [f.result() for f in futures]
 
 
 if __name__ == "__main__":

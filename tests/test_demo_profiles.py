@@ -51,3 +51,58 @@ def test_dd2_method_uses_its_own_profiles_without_pairs() -> None:
         size = demo._sizes(args, model)
         assert size.pairs == 0 and size.steps == demo.DD2_PROFILES["default"][model]["steps"]
     assert sorted(demo.DD2_PROFILES) == sorted(demo.PROFILES)
+
+
+def test_a_parallel_family_gets_every_setting_of_the_command_line() -> None:
+    """--jobs runs each family as ``demo.py --worker --models <family>``: sizes, samples, method, curve points,
+    teacher start, output folder and train overrides are all passed on (a dropped one would silently change that
+    family's run)."""
+    parser_args = argparse.Namespace(profile="long", pairs=123, steps=45, batch=16, samples=77, method="dd2",
+                                     curve_points=3, teacher_start=5, out="outputs/x",
+                                     train_overrides=["optim.lr=1e-3", "ema_decay=0.99"])
+    command = demo._worker_command("var_tiny", parser_args, threads=2)
+    assert command[:2] == [sys.executable, str(Path(demo.__file__).resolve())]
+    flags = dict(zip(command[2:], command[3:]))
+    assert "--worker" in command and flags["--jobs"] == "1" and flags["--models"] == "var_tiny"
+    expected = {"--profile": "long", "--pairs": "123", "--steps": "45", "--batch": "16", "--samples": "77",
+                "--method": "dd2", "--curve-points": "3", "--teacher-start": "5", "--out": "outputs/x",
+                "--threads": "2"}
+    assert {k: flags[k] for k in expected} == expected
+    overrides = [command[i + 1] for i, item in enumerate(command) if item == "--train-override"]
+    assert overrides == ["optim.lr=1e-3", "ema_decay=0.99"]
+    defaults = argparse.Namespace(profile="default", pairs=None, steps=None, batch=None, samples=1000, method="dd",
+                                  curve_points=None, teacher_start=None, out="o", train_overrides=[])
+    assert not {"--pairs", "--steps", "--batch", "--curve-points", "--teacher-start"} & set(
+        demo._worker_command("gpt_tiny", defaults, 1))
+
+
+def test_last_line_reads_the_newest_progress_bar_state(tmp_path: Path) -> None:
+    log = tmp_path / "demo.log"
+    assert demo._last_line(log) == "starting"
+    log.write_text("pairs: 10/100\rpairs: 50/100\rpairs: 100/100\ntrain: 3/800 step\r\n")
+    assert demo._last_line(log) == "train: 3/800 step"
+
+
+@pytest.mark.slow
+def test_parallel_demo_gives_the_sequential_results(tmp_path: Path) -> None:
+    """Both bundled families at toy sizes, one process each (``--jobs 2``), then gpt_tiny alone in this process: the
+    same metrics (every draw is seeded per sample, one torch thread each), one summary with both families."""
+    import json
+    import subprocess
+
+    sizes = ["--pairs", "64", "--steps", "3", "--batch", "16", "--samples", "32", "--threads", "1"]
+    script = str(Path(demo.__file__).resolve())
+    parallel = subprocess.run([sys.executable, script, "--jobs", "2", "--out", str(tmp_path / "par"), *sizes],
+                              capture_output=True, text=True, timeout=900)
+    assert parallel.returncode == 0, parallel.stdout[-3000:] + parallel.stderr[-3000:]
+    summary = (tmp_path / "par" / "results.md").read_text()
+    assert "### gpt_tiny" in summary and "### var_tiny" in summary and "2 job(s)" in summary
+    assert summary.index("### gpt_tiny") < summary.index("### var_tiny")
+    sequential = subprocess.run([sys.executable, script, "--jobs", "1", "--models", "gpt_tiny",
+                                 "--out", str(tmp_path / "seq"), *sizes], capture_output=True, text=True, timeout=900)
+    assert sequential.returncode == 0, sequential.stderr[-3000:]
+    results = [json.loads((tmp_path / run / "gpt_tiny" / "results.json").read_text()) for run in ("par", "seq")]
+    rows = [name for name, value in results[0].items() if isinstance(value, dict) and "metrics" in value]
+    assert {"teacher", "DD 1-step", "DD 2-step"} <= set(rows), results[0].keys()
+    for name in rows:
+        assert results[0][name]["metrics"]["fid"] == results[1][name]["metrics"]["fid"], name
