@@ -49,6 +49,10 @@ def _validate(cfg: dict[str, Any], spec: Any) -> None:
             dd2_config(cfg["method"])
         except (TypeError, ValueError) as err:
             raise ConfigError(f"method=dd2: {err}") from err
+        if int(cfg.get("accumulate_grad_batches", 1)) != 1:
+            raise ConfigError(f"method=dd2 updates its two networks itself once per batch, so "
+                              f"accumulate_grad_batches={cfg['accumulate_grad_batches']} cannot apply: set "
+                              "accumulate_grad_batches=1 and raise batch_size (or trainer.devices) instead")
 
 
 def _method(cfg: dict[str, Any]) -> str:

@@ -118,3 +118,11 @@ def test_a_misspelt_generator_init_is_refused_naming_the_choices(tmp_path: Path)
     method = compose_cfg("train", ["method=dd2"])["method"]
     for value in ("teacher", "ar_diffusion", str(export), "hf://org/repo/student.pt"):
         dd2_config({**method, "generator_init": value})
+
+
+def test_gradient_accumulation_is_refused_for_dd2_before_training(tmp_path: Path) -> None:
+    from dd.runs import ConfigError
+
+    with pytest.raises(ConfigError, match=r"accumulate_grad_batches=4 cannot apply.*batch_size"):
+        run_train(compose_cfg("train", [*_dd2_overrides(tmp_path, "gpt_test"), "accumulate_grad_batches=4"]))
+    assert not (tmp_path / "checkpoints").exists()
