@@ -156,9 +156,11 @@ def test_frozen_fake_denoiser_is_the_guidance_network_and_takes_no_gradient() ->
 
 
 # -- the trainer ----------------------------------------------------------------------------------------------------
-def test_dd2_trains_with_the_sid_loss(preset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
-    """method.loss_form=sid end to end: finite losses, the generator moves, and its update leaves every gradient of
-    the guidance network as it was (checked around each generator update)."""
+@pytest.mark.parametrize("loss_form", ["sid", "dmd"])
+def test_dd2_trains_with_either_loss_form(preset: str, loss_form: str, tmp_path: Path,  # noqa: F811
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """method.loss_form=sid (the default) and dmd end to end: finite losses, the generator moves, and its update
+    leaves every gradient of the guidance network as it was (checked around each generator update)."""
     from dd.tasks.dd2 import DD2Task
     from dd.train import run as run_train
 
@@ -176,7 +178,7 @@ def test_dd2_trains_with_the_sid_loss(preset: str, tmp_path: Path, monkeypatch: 
 
     monkeypatch.setattr(DD2Task, "_update", update)
     summary = run_train(compose_cfg("train", _dd2_overrides(tmp_path, preset, max_steps=8,
-                                                             **{"method.loss_form": "sid"})))
+                                                             **{"method.loss_form": loss_form})))
     assert summary["global_step"] == 8 and len(checked) == 4 and all(checked)
     metrics = summary["metrics"]
     assert {"train/loss", "train/dd2_signal", "train/dd2_fake"} <= set(metrics)

@@ -63,7 +63,7 @@ class DD2Config:
     head_width: int = 256
     head_depth: int = 3
     dd_weight: float = 0.0  # > 0: add DD's pair regression (needs data.pairs_dir) to the generator loss
-    loss_form: str = "dmd"  # generator loss: dmd (gradient form, denoisers detached) | sid (SiD, Zhou et al. 2024)
+    loss_form: str = "sid"  # generator loss: sid (SiD, Zhou et al. 2024) | dmd (gradient form, denoisers detached)
     sid_alpha: float = 1.2  # SiD's alpha (loss_form=sid)
 
     def __post_init__(self) -> None:
