@@ -174,6 +174,12 @@ def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], *, what: s
     module.load_state_dict(state, strict=True)
 
 
+def load_entries(module: nn.Module, entries: Mapping[str, torch.Tensor], *, what: str) -> None:
+    """Replace some entries of ``module``'s state dict and keep the others: a strict load of the merged state, so an
+    entry the module does not have, or one of another shape, is refused (:func:`load_strict`) instead of skipped."""
+    load_strict(module, {**module.state_dict(), **entries}, what=what)
+
+
 def _mismatch_message(what: str, preset: str | None, missing: list[str], unexpected: list[str],
                       mismatched: list[str], expected: Mapping[str, torch.Tensor],
                       state: Mapping[str, torch.Tensor]) -> str:

@@ -89,7 +89,7 @@ class ARFamily(Protocol):
                                    ) -> dict[str, torch.Tensor]:
         """DD2's ``generator_init=ar_diffusion``: the entries of ``student``'s state dict that DD's initialisation
         from the teacher fills, taken from ``trunk`` (a :meth:`feature_trunk`, e.g. fine-tuned by GTS) instead,
-        for ``student.load_state_dict(weights, strict=False)``. The logits head, which a trunk lacks, is not among
+        for ``dd.checkpoint.load_entries(student, weights)``. The logits head, which a trunk lacks, is not among
         them; a table the initialisation fills only in part keeps ``student``'s values elsewhere."""
         ...
 

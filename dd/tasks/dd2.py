@@ -27,6 +27,7 @@ import lightning as L
 import torch
 from torch.utils.data import Dataset
 
+from dd.checkpoint import load_entries
 from dd.distill.dd2 import (ARDenoiser, fake_score_loss, frozen_fake_denoiser, generator_loss, generator_sample,
                             gts_loss, noised, regression_loss, sample_noise_levels, sid_generator_loss,
                             teacher_denoised_at, teacher_denoiser_fn, teacher_nll)
@@ -91,10 +92,15 @@ TASK_KEYS = ("name", "generator_init", "noise_pool", "val_samples")
 GENERATOR_INITS = ("teacher", "ar_diffusion")
 
 
+def _generator_init(method: dict[str, Any]) -> str:
+    """``method.generator_init``: one of GENERATOR_INITS or the path of a DD student export (default: teacher)."""
+    return str(method.get("generator_init") or "teacher")
+
+
 def dd2_config(method: dict[str, Any]) -> DD2Config:
     """The DD2Config of a resolved ``method`` config group (raises TypeError / ValueError on bad settings, including
     a ``generator_init`` that is neither a known initialisation nor an existing file or hub path)."""
-    init = str(method.get("generator_init") or "teacher")
+    init = _generator_init(method)
     if init not in GENERATOR_INITS and "://" not in init and not Path(init).expanduser().is_file():
         raise ValueError(f"method.generator_init={init!r}: expected one of {', '.join(GENERATOR_INITS)} or the path "
                          "of a DD student export (e.g. outputs/train/<run>/export/student_ema.pt); no such file")
@@ -145,9 +151,7 @@ class DD2Task(StepIndexedData, L.LightningModule):
         holds the copied weights, so a resumed run neither repeats nor misses it."""
         weights = self.family.student_weights_from_trunk(self.student, self.fake.trunk)
         with torch.no_grad():
-            unexpected = self.student.load_state_dict(weights, strict=False).unexpected_keys
-        if unexpected:
-            raise RuntimeError(f"family.student_weights_from_trunk gave entries the generator lacks: {unexpected}")
+            load_entries(self.student, weights, what="DD2 generator (from the AR-diffusion trunk)")
         self.ema.sync(self.student)
 
     def train(self, mode: bool = True) -> "DD2Task":
@@ -278,8 +282,8 @@ def build_dd2_task(cfg: dict[str, Any], spec: Any, family: ARFamily, pairs: tupl
     network's trunk when GTS ends), guidance network from the teacher's trunk. ``pairs`` (train, validation): DD pair
     datasets, used instead of fresh noise when ``method.dd_weight > 0``."""
     config = dd2_config(cfg["method"])
-    init = str(cfg["method"].get("generator_init") or "teacher")
-    if init in ("teacher", "ar_diffusion"):
+    init = _generator_init(cfg["method"])
+    if init in GENERATOR_INITS:
         generator = spec.build_student(family.codebook(), init="teacher", teacher=family.teacher)
     else:
         generator = spec.build_student(family.codebook(), init="checkpoint", checkpoint=init)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from dd.acceleration import FastForward
+from dd.checkpoint import load_entries
 from dd.models.codebook import nearest_code_indices
 from dd.models.continuous_head import ContinuousHead
 from dd.models.llamagen.gpt import LlamaGenGPT
@@ -141,7 +142,7 @@ class LlamaGenDDStudent(FastForward, nn.Module):
         ``tok_embeddings``, ``n_d_embed`` and ``final_layer_conti`` keep their own initialisation. A teacher without
         a null class row (class_dropout_prob = 0) fills the rows it has.
         """
-        self.load_state_dict(self.weights_from_teacher(teacher.state_dict()), strict=False)
+        load_entries(self, self.weights_from_teacher(teacher.state_dict()), what="DD student (from its teacher)")
 
     @torch.no_grad()
     def weights_from_teacher(self, teacher_state: dict[str, torch.Tensor], head: bool = True

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from dd.acceleration import FastForward
+from dd.checkpoint import load_entries
 from dd.models.codebook import nearest_code_indices
 from dd.models.continuous_head import ContinuousHead
 from dd.models.var.layers import scale_levels
@@ -155,7 +156,7 @@ class VARDDStudent(FastForward, VARTransformer):
         initialised). The official code re-initialises ``class_emb.weight[1]`` where ``lvl_embed.weight[1]`` was
         evidently meant; dd initialises ``lvl_embed.weight[1]`` (only training is affected). ``n_d_embed`` is
         re-initialised; the layer-wise embeddings start at zero so the initial student is the teacher's trunk."""
-        self.load_state_dict(self.weights_from_teacher(teacher.state_dict()), strict=False)
+        load_entries(self, self.weights_from_teacher(teacher.state_dict()), what="DD student (from its teacher)")
         nn.init.trunc_normal_(self.lvl_embed.weight[1], std=self.init_std)
         nn.init.trunc_normal_(self.pos_1LC[0, 1], std=self.init_std)
         nn.init.trunc_normal_(self.n_d_embed.weight, std=self.init_std)
