@@ -43,7 +43,9 @@ posterior weight exactly 0 at every t, so it contributes nothing to ``c_hat``. W
 row chunk is small, each row's solve runs over its own support only: the distance terms come from the same
 ``(n, d + 1) x (d + 1, V)`` matmul, gathered at the row's support columns and added to its log-probs there (rows
 with a smaller support are padded to ``k`` with log-prob ``-inf``: weight exactly 0), the softmax runs over ``k``
-entries and the weighted sum is an ``embedding_bag`` over the support rows of the codebook. Same ODE, same logits;
+entries and the weighted sum is an ``embedding_bag`` over the support rows of the codebook (for codebooks of <=
+``GATHER_MAX_DIM`` dimensions, every row's support columns of the codebook are instead gathered once per call and each
+step is two batched matrix-vector products over them, with no full-width matmul). Same ODE, same logits;
 only the rounding of sums differs (endpoints equal within float rounding, same tokens in practice). The endpoint is
 snapped over the **whole** codebook in both forms, as the dense solve always did, so even an unconverged endpoint
 (between codes) gets the dense solve's token.
@@ -323,16 +325,14 @@ def _posterior_mean_rows(
     V = cb.c.shape[0]
     vb = V if vocab_chunk_size is None or vocab_chunk_size >= V else vocab_chunk_size
 
-    if gathered is not None:  # per-row codebooks: two batched matrix-vector products, softmax over k only
-        ct_aug_rows, ct_rows = gathered
+    if gathered is not None or support is not None or vb == V:
+        # [alpha * x, beta] @ [c^T; ||c||^2] folds both distance terms into one (batched) matmul
         x_aug = torch.cat([x * alpha, x.new_full((x.shape[0], 1), beta)], dim=1)
-        logits = torch.baddbmm(log_probs[:, None, :], x_aug[:, None, :], ct_aug_rows)
-        weights = torch.softmax(logits, dim=2)  # padding (-inf) gets weight exactly 0
-        return torch.bmm(weights, ct_rows.transpose(1, 2)).squeeze(1)
-
-    if support is not None or vb == V:
-        # [alpha * x, beta] @ [c^T; ||c||^2] folds both distance terms into one addmm
-        x_aug = torch.cat([x * alpha, x.new_full((x.shape[0], 1), beta)], dim=1)
+        if gathered is not None:  # per-row codebooks: two batched matrix-vector products, softmax over k only
+            ct_aug_rows, ct_rows = gathered
+            logits = torch.baddbmm(log_probs[:, None, :], x_aug[:, None, :], ct_aug_rows)
+            weights = torch.softmax(logits, dim=2)  # padding (-inf) gets weight exactly 0
+            return torch.bmm(weights, ct_rows.transpose(1, 2)).squeeze(1)
         if support is not None:  # the same logits at the k support columns; softmax and weighted sum over k only
             logits = torch.mm(x_aug, cb.ct_aug).gather(1, support).add_(log_probs)
             weights = torch.softmax(logits, dim=1)  # padding (-inf) gets weight exactly 0
@@ -628,16 +628,15 @@ def _integrate_all(noise: Tensor, log_probs: Tensor, codebook: Tensor, config: F
         rows = _block_rows(config, k if compact else None, V, device.type, d)
         for j in range(0, x.shape[0], rows):
             block = slice(j, min(j + rows, x.shape[0]))
-            if compact:  # the solve over the block's supports (log-probs and codebook rows gathered per row)
+            if not compact:
+                solved = _solve_chunk(x[block], lp[block], cb, config, ts)
+            else:  # the solve over the block's supports (log-probs and codebook rows gathered per row)
                 support, lp_support = _support_indices(lp[block], k)
                 if _gathers(d):
-                    gathered = _gather_support(cb, support)
-                    out[i + block.start : i + block.stop] = _solve_chunk(x[block], lp_support, cb, config, ts,
-                                                                         gathered=gathered)
-                    continue
-                out[i + block.start : i + block.stop] = _solve_chunk(x[block], lp_support, cb, config, ts, support)
-            else:
-                out[i + block.start : i + block.stop] = _solve_chunk(x[block], lp[block], cb, config, ts)
+                    solved = _solve_chunk(x[block], lp_support, cb, config, ts, gathered=_gather_support(cb, support))
+                else:
+                    solved = _solve_chunk(x[block], lp_support, cb, config, ts, support)
+            out[i + block.start : i + block.stop] = solved
     return out.reshape(*lead, d)
 
 
