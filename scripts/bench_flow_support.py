@@ -3,7 +3,9 @@
 Times one ``map_noise_to_tokens`` call (default solver, 100 steps) over ``rows`` tokens whose distributions are top-k
 truncated to ``fraction x V`` codes, with ``support="dense"`` and ``support="compact"`` interleaved, min of
 ``--repeats``; random codebooks of both families' shapes (8-d l2-normalised, V = 16384, like LlamaGen; 32-d raw,
-V = 4096, like VAR). Also checks that both give the same tokens. ``AUTO_SUPPORT_FRACTION`` was chosen from this table.
+V = 4096, like VAR). Also checks that both give the same tokens. The restricted solve takes the gathered form for
+codebooks of <= ``GATHER_MAX_DIM`` dimensions (the 8-d rows) and the shared form otherwise; ``AUTO_SUPPORT_FRACTION``
+(shared) and ``AUTO_SUPPORT_FRACTION_GATHERED`` were chosen from this table.
 
     python scripts/bench_flow_support.py --threads 1
     python scripts/bench_flow_support.py --shapes 16384x8:8,4096x32:1024 --fractions 0.1,0.25,0.5 --repeats 3
