@@ -13,12 +13,12 @@ import torch
 
 from dd.data.fashion_mnist import FashionMNISTDataset
 from dd.data.image_folder import uint8_to_model_images
+from dd.evaluation.step_comparison import compare_steps, paired_mean_z, paired_token_z
 from dd.generate_pairs import run as run_pairs
 from dd.models.presets import ASSETS_DIR
 from dd.models.var import make_spec
 from dd.models.var.training import next_scale_loss
 from dd.pairs import PairDataset, PairExpectation
-from dd.sampling.dd_samplers import fewstep_sample
 from dd.train import run as run_train
 
 from conftest import needs_fmnist
@@ -60,36 +60,57 @@ def test_bundled_teacher_still_predicts_test_token_maps(spec) -> None:
     assert ce < 0.6 * torch.log(torch.tensor(256.0)).item()  # far below the uniform 5.545 nats
 
 
-NUM_PAIRS = 2000
+NUM_PAIRS = 5000
 VAL_EVERY = 10
+NUM_HELD_OUT = 2000
+HELD_OUT_SEED = 1_000_000  # pair seeds 1e6.. never meet the training pairs' 0..4999
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The preset's own recipe (lr 2e-3, EMA, t_list [0, 4], split 6) at the demo's length: 400 steps of 64 on 4500
+    pairs, and 2000 held-out pairs from other seeds."""
     root = tmp_path_factory.mktemp("var_bundled")
-    run_pairs(compose_cfg("generate_pairs", ["model=var_tiny", f"num_pairs={NUM_PAIRS}", "shard_size=500",
-                                             "batch_size=250", f"output_dir={root / 'gen'}"]))
+    for name, count, seed in (("gen", NUM_PAIRS, 0), ("held", NUM_HELD_OUT, HELD_OUT_SEED)):
+        run_pairs(compose_cfg("generate_pairs", ["model=var_tiny", f"num_pairs={count}", "shard_size=1000",
+                                                 "batch_size=250", f"seed_base={seed}", f"output_dir={root / name}"]))
     pairs = root / "gen" / "pairs"
     summary = run_train(compose_cfg("train", [
-        "model=var_tiny", f"data.pairs_dir={pairs}", f"output_dir={root / 'train'}", "max_steps=300",
-        "batch_size=64", f"data.val_every={VAL_EVERY}", "val_every_steps=300", "ckpt_every=300", "logger=csv",
-        "optim.lr=1e-3", "optim.warmup_steps=30", "ema_decay=0.99"]))
-    return {"pairs": pairs, "summary": summary, "logs": root / "train" / "logs" / "metrics.csv"}
+        "model=var_tiny", f"data.pairs_dir={pairs}", f"output_dir={root / 'train'}", "max_steps=400",
+        "batch_size=64", f"data.val_every={VAL_EVERY}", "val_every_steps=400", "ckpt_every=400", "logger=csv"]))
+    return {"pairs": pairs, "held": root / "held" / "pairs", "summary": summary,
+            "logs": root / "train" / "logs" / "metrics.csv"}
+
+
+def test_paired_statistics() -> None:
+    a = torch.tensor([True, True, False, False, True, False])
+    b = torch.tensor([True, False, True, True, True, False])
+    assert paired_token_z(a, b) == pytest.approx((2 - 1) / 3 ** 0.5)
+    assert paired_token_z(b, a) == pytest.approx(-(2 - 1) / 3 ** 0.5)
+    assert paired_token_z(a, a) == 0.0
+    assert paired_mean_z(torch.tensor([1.0, 2.0, 3.0])) == pytest.approx(2.0 / (1.0 / 3 ** 0.5))
+    assert paired_mean_z(torch.zeros(4)) == 0.0 and paired_mean_z(torch.ones(4)) == float("inf")
 
 
 @pytest.mark.slow
-def test_var_training_beats_the_marginal_baseline(spec, trained: dict) -> None:
-    """Held-out token accuracy at t = 0 well above predicting each position's most frequent token.
+def test_var_training_learns_and_two_steps_beat_one(spec, trained: dict) -> None:
+    """On 2000 held-out pairs (dd.evaluation.step_comparison):
 
-    Also printed (not asserted): accuracy after the first t2 scales with those scales given as data vs from noise
-    alone, and sampled 1-step vs 2-step accuracy. Measured with this setting (2000 pairs, 300 steps, 2026-11-29):
-    baseline 0.186, t=0 0.329; after scale 4: 0.285 from noise vs 0.287 with the true prefix; sampled 1-step 0.329,
-    2-step 0.329. At this budget the student does not yet exploit the given scales (README, demo results), so no
-    assertion is made about them."""
+    * token accuracy at t = 0 well above predicting each position's most frequent token;
+    * after the first t2 scales the student uses them when they are given as data (true prefix vs noise alone);
+    * 2 steps beat 1: the scales the second step re-predicts (from the first step's own scales and the same noise)
+      are more likely under the teacher given that prefix than the 1-step ones given theirs (teacher NLL per token,
+      the teacher's guided sampling distribution, paired per sample).
+
+    Measured (2026-11-29, README "2 steps beat 1"): this test NLL 4.309 (1 step) vs 4.283 (2 steps), paired z 4.6,
+    true prefix z 11.4; over eight 300-400-step students (t2 3 or 4, other pairs, seeds and lrs) NLL z 4.6-6.8,
+    always in favour of 2 steps. Printed, not asserted: sampled token accuracy against the pairs after t2, where the
+    2-step gain is small and not always significant (z -0.2 to 4.2; a wrong first-step prefix makes the second step
+    follow that prefix rather than the pair)."""
     family = spec.build_family()
     expect = PairExpectation(130, 16, 256, 10)
     train = PairDataset(trained["pairs"], expect, sample_filter=lambda i: i % VAL_EVERY != 0)
-    held = PairDataset(trained["pairs"], expect, sample_filter=lambda i: i % VAL_EVERY == 0)
+    held = PairDataset(trained["held"], expect)
     mode = torch.mode(train.data["indices"].long(), dim=0).values
     held_ids = held.data["indices"].long()
     baseline = (held_ids == mode[None]).float().mean().item()
@@ -97,24 +118,15 @@ def test_var_training_beats_the_marginal_baseline(spec, trained: dict) -> None:
     batch = [held[i] for i in range(len(held))]
     labels = torch.stack([b["label"] for b in batch])
     noise = torch.stack([b["noise"] for b in batch])
-    second = spec.default_t_list[1]
-    rest = slice(family.data_length(second), None)
-
-    def accuracy(t: int) -> tuple[float, float]:
-        """(all positions, positions after the first ``second`` scales) at timestep t with the true prefix."""
-        x_t = student.perturb(family.codebook()[held_ids], t, noise)
-        with torch.no_grad():
-            _, logits = student(x_t, labels, torch.full((len(batch),), t, dtype=torch.long))
-        hits = (logits.argmax(-1) == held_ids).float()
-        return hits.mean().item(), hits[:, rest].mean().item()
-
-    (acc_t0, rest_t0), (_, rest_t2) = accuracy(0), accuracy(second)
-    one = fewstep_sample(student, labels, noise, [0], spec.default_split_t)
-    two = fewstep_sample(student, labels, noise, list(spec.default_t_list), spec.default_split_t)
-    one_acc, two_acc = ((student.nearest_indices(r.sequence) == held_ids).float().mean().item() for r in (one, two))
-    print(f"baseline {baseline:.3f} t=0 {acc_t0:.3f}; after scale {second}: t=0 {rest_t0:.3f} t={second} "
-          f"{rest_t2:.3f}; sampled 1-step {one_acc:.3f} 2-step {two_acc:.3f}")
-    assert acc_t0 > baseline + 0.05, (acc_t0, baseline)
+    result = compare_steps(student, family, spec.sampling, labels, noise, held_ids, spec.default_t_list,
+                           spec.default_split_t)
+    print(f"baseline {baseline:.4f}", result)
+    assert result.num_samples == NUM_HELD_OUT and result.rest_start == family.data_length(spec.default_t_list[1])
+    assert result.acc_t0_all > baseline + 0.05, (result.acc_t0_all, baseline)
+    assert result.prefix_kept
+    assert result.acc_given > result.acc_noise and result.z_given > 4.0, result
+    assert result.nll_2step < result.nll_1step and result.z_nll > 3.0, result
+    assert result.nll_pairs < result.nll_2step  # the teacher's own tokens stay the likeliest
 
 
 @pytest.mark.slow
