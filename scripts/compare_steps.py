@@ -39,6 +39,16 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    from dd.checkpoint import CheckpointError
+    from dd.pairs import PairFormatError
+
+    try:
+        return _run(args)
+    except (ValueError, PairFormatError, CheckpointError, FileNotFoundError) as error:  # bad input: one line
+        parser.error(str(error))
+
+
+def _run(args: argparse.Namespace) -> dict:
     from hydra.utils import instantiate
 
     from dd.evaluation.step_comparison import compare_steps

@@ -80,3 +80,36 @@ def test_compare_steps_script_on_generated_pairs(preset: str, tmp_path, capsys) 
     assert "6 held-out pairs" in out and "| teacher NLL given own prefix" in out
     assert json.loads((tmp_path / "r.json").read_text()) == result and result["num_samples"] == 6
     assert result["prefix_kept"]
+
+
+def test_comparison_refuses_a_second_timestep_at_the_end() -> None:
+    spec, family, student, labels, noise, ids = _setup("gpt_test", batch=2)
+    with pytest.raises(ValueError, match="leaves nothing to compare"):
+        compare_steps(student, family, spec.sampling, labels, noise, ids, [0, family.num_timesteps],
+                      spec.default_split_t)
+    with pytest.raises(ValueError, match="same number"):
+        compare_steps(student, family, spec.sampling, labels[:1], noise, ids, spec.default_t_list,
+                      spec.default_split_t)
+
+
+def test_compare_steps_script_refuses_bad_input_in_one_line(tmp_path, capsys) -> None:
+    run_pairs(compose_cfg("generate_pairs", ["model=gpt_test", "num_pairs=4", "shard_size=4",
+                                             f"output_dir={tmp_path / 'held'}"]))
+    export = export_teacher_initialised_student("var_test", tmp_path / "student.pt")
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    try:
+        import compare_steps as script
+    finally:
+        sys.path.remove(str(REPO_ROOT / "scripts"))
+    base = ["--model", "var_test", "--student", str(export)]
+    for extra, message in ((["--pairs", str(tmp_path / "held" / "pairs")], "pairs"),  # gpt_test pairs for var_test
+                           (["--pairs", str(tmp_path / "nowhere")], "nowhere")):  # no pairs at all
+        with pytest.raises(SystemExit) as exit_info:
+            script.main(base + extra)
+        assert exit_info.value.code == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]  # argparse's "<prog>: error: <message>"
+        assert "error:" in last and message in last, last
+    with pytest.raises(SystemExit):  # a student file that is not there
+        script.main(["--model", "var_test", "--student", str(tmp_path / "missing.pt"), "--pairs", str(tmp_path)])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "error:" in last and "missing.pt" in last, last

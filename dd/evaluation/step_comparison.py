@@ -77,6 +77,11 @@ def compare_steps(student: DDStudent, family: ARFamily, sampling: SamplingConfig
     if len(t_list) < 2 or t_list[0] != 0:
         raise ValueError(f"t_list={t_list}: need [0, t2, ...] to compare 1 step with more")
     t2 = t_list[1]
+    if not 0 < t2 < family.num_timesteps:
+        raise ValueError(f"t_list={t_list}: t2 = {t2} leaves nothing to compare; valid: 1..{family.num_timesteps - 1}")
+    if labels.shape[0] != ids.shape[0] or labels.shape[0] != noise.shape[0] or labels.shape[0] == 0:
+        raise ValueError(f"labels {tuple(labels.shape)}, noise {tuple(noise.shape)}, ids {tuple(ids.shape)}: need the "
+                         f"same number (> 0) of held-out pairs")
     rest = family.data_length(t2)
     codebook = family.codebook()
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("t0", "given", "one", "two", "nll1", "nll2", "nllp")}
