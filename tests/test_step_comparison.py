@@ -64,16 +64,22 @@ def test_comparison_refuses_a_single_step_schedule() -> None:
             compare_steps(student, family, spec.sampling, labels, noise, ids, t_list, spec.default_split_t)
 
 
-@pytest.mark.parametrize("preset", PRESETS)
-def test_compare_steps_script_on_generated_pairs(preset: str, tmp_path, capsys) -> None:
-    run_pairs(compose_cfg("generate_pairs", [f"model={preset}", "num_pairs=8", "shard_size=8",
-                                             f"output_dir={tmp_path / 'held'}", "seed_base=1000000"]))
-    export = export_teacher_initialised_student(preset, tmp_path / "student.pt")
+def _script():
+    """scripts/compare_steps.py as a module."""
     sys.path.insert(0, str(REPO_ROOT / "scripts"))
     try:
         import compare_steps as script
     finally:
         sys.path.remove(str(REPO_ROOT / "scripts"))
+    return script
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_compare_steps_script_on_generated_pairs(preset: str, tmp_path, capsys) -> None:
+    run_pairs(compose_cfg("generate_pairs", [f"model={preset}", "num_pairs=8", "shard_size=8",
+                                             f"output_dir={tmp_path / 'held'}", "seed_base=1000000"]))
+    export = export_teacher_initialised_student(preset, tmp_path / "student.pt")
+    script = _script()
     result = script.main(["--model", preset, "--student", str(export), "--pairs", str(tmp_path / "held" / "pairs"),
                           "--limit", "6", "--json", str(tmp_path / "r.json")])
     out = capsys.readouterr().out
@@ -96,11 +102,7 @@ def test_compare_steps_script_refuses_bad_input_in_one_line(tmp_path, capsys) ->
     run_pairs(compose_cfg("generate_pairs", ["model=gpt_test", "num_pairs=4", "shard_size=4",
                                              f"output_dir={tmp_path / 'held'}"]))
     export = export_teacher_initialised_student("var_test", tmp_path / "student.pt")
-    sys.path.insert(0, str(REPO_ROOT / "scripts"))
-    try:
-        import compare_steps as script
-    finally:
-        sys.path.remove(str(REPO_ROOT / "scripts"))
+    script = _script()
     base = ["--model", "var_test", "--student", str(export)]
     for extra, message in ((["--pairs", str(tmp_path / "held" / "pairs")], "pairs"),  # gpt_test pairs for var_test
                            (["--pairs", str(tmp_path / "nowhere")], "nowhere")):  # no pairs at all
