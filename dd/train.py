@@ -62,8 +62,7 @@ def _method(cfg: dict[str, Any]) -> str:
 def _datasets(cfg: dict[str, Any], family: Any, teacher_sha: str):
     from dd.pairs import PairDataset, PairExpectation
 
-    expect = PairExpectation(family.sequence_length, family.token_dim, int(family.codebook().shape[0]),
-                             family.num_classes, teacher_sha256=teacher_sha)
+    expect = PairExpectation.of_family(family, teacher_sha256=teacher_sha)
     every = int(cfg["data"]["val_every"])
     directory = Path(cfg["data"]["pairs_dir"])
     if not (directory / "manifest.json").is_file():

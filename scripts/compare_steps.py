@@ -57,8 +57,7 @@ def _run(args: argparse.Namespace) -> dict:
     spec = instantiate(_cfg("eval", [f"model={args.model}"])["model"])
     family = spec.build_family()
     student = spec.build_student(family.codebook(), init="checkpoint", checkpoint=args.student).eval()
-    pairs = PairDataset(Path(args.pairs), PairExpectation(family.sequence_length, family.token_dim,
-                                                          int(family.codebook().shape[0]), family.num_classes))
+    pairs = PairDataset(Path(args.pairs), PairExpectation.of_family(family))
     count = len(pairs) if args.limit is None else min(args.limit, len(pairs))
     items = [pairs[i] for i in range(count)]
     labels, noise, ids = (torch.stack([item[key] for item in items]) for key in ("label", "noise", "indices"))

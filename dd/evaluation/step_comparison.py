@@ -94,11 +94,13 @@ def compare_steps(student: DDStudent, family: ARFamily, sampling: SamplingConfig
     for begin in range(0, len(labels), batch_size):
         lab, eps, tgt = (x[begin:begin + batch_size] for x in (labels, noise, ids))
         data = codebook[tgt].to(eps.dtype)
-        for key, t in (("t0", 0), ("given", t2)):
-            _, logits = student.final_predict(student.perturb(data, t, eps), lab, t)
-            parts[key].append(logits.argmax(-1) == tgt)
-        one = student.nearest_indices(fewstep_sample(student, lab, eps, [0], split).sequence)
-        two = student.nearest_indices(fewstep_sample(student, lab, eps, t_list, split).sequence)
+        sampled = fewstep_sample(student, lab, eps, t_list, split)
+        first = sampled.steps[0]  # the 1-step sample; at t = 0 no data is given, so also the noise-only prediction
+        parts["t0"].append(first.logits.argmax(-1) == tgt)
+        _, logits = student.final_predict(student.perturb(data, t2, eps), lab, t2)
+        parts["given"].append(logits.argmax(-1) == tgt)
+        one = student.nearest_indices(first.sequence)
+        two = student.nearest_indices(sampled.sequence)
         prefix_kept &= torch.equal(one[:, :rest], two[:, :rest])
         parts["one"].append(one == tgt)
         parts["two"].append(two == tgt)

@@ -155,6 +155,12 @@ class PairExpectation:
     num_classes: int
     teacher_sha256: str | None = None
 
+    @classmethod
+    def of_family(cls, family: Any, teacher_sha256: str | None = None) -> "PairExpectation":
+        """What a family's student trains on: its sequence length, token dimension, codebook size and classes."""
+        return cls(family.sequence_length, family.token_dim, int(family.codebook().shape[0]), family.num_classes,
+                   teacher_sha256=teacher_sha256)
+
 
 def validate_manifest(manifest: Mapping[str, Any], expected: PairExpectation, directory: Path) -> None:
     if manifest.get("format_version") != FORMAT_VERSION:
