@@ -200,3 +200,45 @@ def test_bad_loss_form_is_refused_before_training(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="sid_alpha"):
         run_train(compose_cfg("train", _dd2_overrides(tmp_path, "gpt_test", **{"method.sid_alpha": "nan"})))
     assert not (tmp_path / "checkpoints").exists()
+
+
+# -- the straight-through generator token (method.straight_through) -------------------------------------------------
+class _ToyStudent(nn.Module):
+    """A DD-student stand-in: per-position logits and continuous tokens from learnable tables (noise ignored)."""
+
+    def __init__(self, length: int, v: int, d: int, seed: int) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.codebook = torch.randn(v, d, generator=g)
+        self.logits = nn.Parameter(torch.randn(length, v, generator=g))
+        self.tokens = nn.Parameter(torch.randn(length, d, generator=g))
+
+    def nearest_indices(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cdist(x, self.codebook[None].expand(x.shape[0], -1, -1)).argmin(-1)
+
+    def forward(self, noise: torch.Tensor, labels: torch.Tensor, t: torch.Tensor):
+        b = labels.shape[0]
+        return self.tokens.expand(b, -1, -1), self.logits.expand(b, -1, -1)
+
+
+@pytest.mark.parametrize("output", ["logits", "continuous"])
+def test_straight_through_token_is_the_sampled_code_with_the_soft_tokens_gradient(output: str) -> None:
+    from dd.distill.dd2 import generator_sample
+
+    student = _ToyStudent(length=5, v=7, d=3, seed=0)
+    labels, noise = torch.zeros(2, dtype=torch.long), torch.zeros(2, 5, 3)
+    probe = torch.randn(2, 5, 3, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for straight in (False, True):
+        student.zero_grad()
+        sample = generator_sample(student, labels, noise, output, temperature=0.7, straight_through=straight)
+        (sample.q * probe).sum().backward()
+        grads.append(tuple(torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                           for p in (student.logits, student.tokens)))
+        if straight:
+            torch.testing.assert_close(sample.q, student.codebook[sample.ids])  # the code dd.eval samples
+        else:
+            assert not torch.allclose(sample.q, student.codebook[sample.ids])  # a soft token, off the codebook
+    for soft_grad, straight_grad in zip(*grads):
+        torch.testing.assert_close(straight_grad, soft_grad)
+    assert grads[0][0 if output == "logits" else 1].abs().sum() > 0  # the head the token comes from gets gradient

@@ -188,17 +188,24 @@ class GeneratorSample:
 
 
 def generator_sample(student: nn.Module, labels: torch.Tensor, noise: torch.Tensor, output: str = "logits",
-                     temperature: float = 1.0) -> GeneratorSample:
-    """One forward of the DD student at t = 0 -> generated tokens (see the module docstring for ``output``)."""
+                     temperature: float = 1.0, straight_through: bool = False) -> GeneratorSample:
+    """One forward of the DD student at t = 0 -> generated tokens (see the module docstring for ``output``).
+
+    ``straight_through``: q's value is the code of ``ids`` (the token ``dd.eval`` samples, so the guidance network
+    and the teacher denoiser see exactly the generator's sampled distribution), its gradient the soft token's
+    (``hard + soft - sg(soft)``)."""
     t = torch.zeros(labels.shape[0], dtype=torch.long, device=labels.device)
     tokens, logits = student(noise, labels, t)
     codebook = student.codebook
     if output == "logits":
         probs = torch.softmax(logits.float() / temperature, dim=-1)
-        return GeneratorSample(probs @ codebook.float(), logits.argmax(-1), tokens, logits)
-    if output == "continuous":
-        return GeneratorSample(tokens.float(), student.nearest_indices(tokens.detach()), tokens, logits)
-    raise ValueError(f"dd2 generator output={output!r}: expected 'logits' or 'continuous'")
+        soft, ids = probs @ codebook.float(), logits.argmax(-1)
+    elif output == "continuous":
+        soft, ids = tokens.float(), student.nearest_indices(tokens.detach())
+    else:
+        raise ValueError(f"dd2 generator output={output!r}: expected 'logits' or 'continuous'")
+    q = codebook.float()[ids] + (soft - soft.detach()) if straight_through else soft
+    return GeneratorSample(q, ids, tokens, logits)
 
 
 # -- losses ---------------------------------------------------------------------------------------------------------

@@ -50,6 +50,7 @@ class DD2Config:
 
     generator_output: str = "logits"
     temperature: float = 1.0
+    straight_through: bool = False  # the generator's token is its sampled code (gradient of the soft token)
     gts_steps: int = 200
     fake_updates: int = 1
     lr_generator: float = 1e-4
@@ -182,7 +183,7 @@ class DD2Task(StepIndexedData, L.LightningModule):
 
     def _sample(self, labels: torch.Tensor, noise: torch.Tensor, model: torch.nn.Module | None = None):
         return generator_sample(model if model is not None else self.student, labels, noise,
-                                self.config.generator_output, self.config.temperature)
+                                self.config.generator_output, self.config.temperature, self.config.straight_through)
 
     def _update(self, optimizer: Any, loss: torch.Tensor, parameters: Any) -> None:
         parameters = list(parameters)
