@@ -219,10 +219,11 @@ def gts_loss(fake: ARDenoiser, labels: torch.Tensor, ids: torch.Tensor, q: torch
 
 
 def fake_score_loss(fake: ARDenoiser, labels: torch.Tensor, ids: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
-                    eps: torch.Tensor) -> torch.Tensor:
-    """Denoising score matching on the generator's (detached) tokens, conditioned on their snapped prefixes."""
+                    eps: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+    """Denoising score matching on the generator's (detached) tokens, conditioned on their snapped prefixes.
+    ``features``: the trunk's features of ``ids`` under the current weights, if already computed (with a graph)."""
     q = q.detach().float()
-    return (fake(labels, ids, noised(q, s, eps), s) - q).pow(2).sum(-1).mean()
+    return (fake(labels, ids, noised(q, s, eps), s, features=features) - q).pow(2).sum(-1).mean()
 
 
 @dataclass(frozen=True)
@@ -277,13 +278,16 @@ def sid_generator_loss(q: torch.Tensor, s: torch.Tensor, eps: torch.Tensor,
     return GeneratorLoss(loss, (weight * diff).norm(dim=-1).mean().detach())
 
 
-def frozen_fake_denoiser(fake: ARDenoiser, labels: torch.Tensor, ids: torch.Tensor,
-                         s: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+def frozen_fake_denoiser(fake: ARDenoiser, labels: torch.Tensor, ids: torch.Tensor, s: torch.Tensor,
+                         features: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """x (B, L, d) -> F(x, s | ids_<i): the guidance network's head at trunk features computed once, without a
-    graph, from ``ids``; differentiable in x, while the head runs on detached copies of its parameters, so a
-    backward through it leaves every ``.grad`` of ``fake`` untouched (the SiD generator loss)."""
-    with torch.no_grad():
-        features = fake.features(labels, ids)
+    graph, from ``ids`` (or the given ``features``, detached here); differentiable in x, while the head runs on
+    detached copies of its parameters, so a backward through it leaves every ``.grad`` of ``fake`` untouched (the
+    SiD generator loss)."""
+    if features is None:
+        with torch.no_grad():
+            features = fake.features(labels, ids)
+    features = features.detach()
     params = {name: p.detach() for name, p in fake.head.named_parameters()}
     return lambda x: functional_call(fake.head, params, (features, x, s))
 

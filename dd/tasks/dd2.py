@@ -237,15 +237,18 @@ class DD2Task(StepIndexedData, L.LightningModule):
         s, eps = self._levels(shape, generator)
         with torch.no_grad():
             log_probs = self.family.teacher_log_probs(labels, sample.ids, self.sampling)
+        # the guidance trunk's features of the generated prefixes, with a graph: read detached by the generator loss,
+        # then reused by the first guidance update (the guidance weights do not change in between)
+        features = self.fake.features(labels, sample.ids)
         if cfg.loss_form == "sid":  # gradient through x_s into both denoisers; the guidance network stays frozen
             terms = sid_generator_loss(sample.q, s, eps, teacher_denoiser_fn(s, log_probs, codebook),
-                                       frozen_fake_denoiser(self.fake, labels, sample.ids, s), cfg.sid_alpha,
-                                       cfg.normalize)
+                                       frozen_fake_denoiser(self.fake, labels, sample.ids, s, features),
+                                       cfg.sid_alpha, cfg.normalize)
         else:
             with torch.no_grad():
                 x = noised(sample.q.detach().float(), s, eps)
                 teacher_d = teacher_denoised_at(x, s, log_probs, codebook)
-                fake_d = self.fake(labels, sample.ids, x, s)
+                fake_d = self.fake(labels, sample.ids, x, s, features=features.detach())
             terms = generator_loss(sample.q, teacher_d, fake_d, cfg.normalize)
         loss = terms.loss
         if cfg.dd_weight > 0:  # DD's regression on the batch's pairs (same noise, same forward)
@@ -255,9 +258,10 @@ class DD2Task(StepIndexedData, L.LightningModule):
                      batch_size=labels.shape[0])
         self._update(gen_opt, loss, self.student.parameters())
         self.ema.update(self.student)
-        for _ in range(cfg.fake_updates):  # guidance network <- score of the generator's samples (this batch's)
+        for update in range(cfg.fake_updates):  # guidance network <- score of the generator's samples (this batch's)
             s, eps = self._levels(shape, generator)
-            fake_loss = fake_score_loss(self.fake, labels, sample.ids, sample.q.detach(), s, eps)
+            fake_loss = fake_score_loss(self.fake, labels, sample.ids, sample.q.detach(), s, eps,
+                                        features if update == 0 else None)
             self._update(fake_opt.optimizer, fake_loss, self.fake.parameters())  # raw: not a Lightning step
         self.log_dict({"train/loss": terms.loss.detach(), "train/dd2_fake": fake_loss.detach(),
                        "train/dd2_signal": terms.grad_norm, "train/teacher_nll": teacher_nll(log_probs, sample.ids)},
