@@ -242,3 +242,31 @@ def test_straight_through_token_is_the_sampled_code_with_the_soft_tokens_gradien
     for soft_grad, straight_grad in zip(*grads):
         torch.testing.assert_close(straight_grad, soft_grad)
     assert grads[0][0 if output == "logits" else 1].abs().sum() > 0  # the head the token comes from gets gradient
+
+
+# -- method.lr_decay ------------------------------------------------------------------------------------------------
+def test_cosine_decay_falls_from_the_base_rate_to_the_floor_after_warm_up() -> None:
+    import math
+    from types import SimpleNamespace
+
+    from dd.tasks.dd2 import DD2Config, DD2Task
+
+    def rates(config: DD2Config, steps: list[int], total: int) -> list[float]:
+        optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+        out = []
+        for step in steps:
+            DD2Task._warmup(SimpleNamespace(config=config), optimizer, 2e-4, step, total)
+            out.append(optimizer.param_groups[0]["lr"])
+        return out
+
+    cosine = DD2Config(lr_decay="cosine", min_lr_ratio=0.1, warmup_steps=10)
+    got = rates(cosine, [0, 9, 50, 100, 150], total=100)
+    assert got[0] == pytest.approx(2e-4 / 10)  # warm-up first
+    assert got[1] == pytest.approx(2e-4 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.09))))
+    assert got[2] == pytest.approx(2e-4 * 0.55)  # halfway: the mean of base and floor
+    assert got[3] == pytest.approx(2e-5) and got[4] == pytest.approx(2e-5)  # the floor, and it stays there
+    assert rates(DD2Config(warmup_steps=10), [50, 100], total=100) == pytest.approx([2e-4, 2e-4])  # none: constant
+    with pytest.raises(ValueError, match="lr_decay"):
+        DD2Config(lr_decay="linear")
+    with pytest.raises(ValueError, match="min_lr_ratio"):
+        DD2Config(lr_decay="cosine", min_lr_ratio=1.5)

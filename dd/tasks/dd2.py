@@ -58,6 +58,8 @@ class DD2Config:
     betas: tuple[float, float] = (0.0, 0.999)
     weight_decay: float = 0.0
     warmup_steps: int = 20
+    lr_decay: str = "none"  # none (constant after warm-up) | cosine (both networks, over the DD2 steps)
+    min_lr_ratio: float = 0.1  # lr_decay=cosine: final learning rate / base learning rate
     s_min: float = 0.02
     s_max: float = 0.98
     normalize: bool = True
@@ -80,6 +82,10 @@ class DD2Config:
             raise ValueError(f"method.loss_form={self.loss_form!r}: expected one of {', '.join(LOSS_FORMS)}")
         if not math.isfinite(self.sid_alpha):
             raise ValueError(f"method.sid_alpha={self.sid_alpha} must be a finite number")
+        if self.lr_decay not in ("none", "cosine"):
+            raise ValueError(f"method.lr_decay={self.lr_decay!r}: expected 'none' or 'cosine'")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"method.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         if self.dd_weight < 0:
             raise ValueError(f"method.dd_weight={self.dd_weight} must be >= 0")
         if min(self.lr_generator, self.lr_fake) <= 0 or self.temperature <= 0:
@@ -171,10 +177,21 @@ class DD2Task(StepIndexedData, L.LightningModule):
                                  weight_decay=cfg.weight_decay)
         return [gen, fake]
 
-    def _warmup(self, optimizer: torch.optim.Optimizer, base_lr: float, step: int) -> None:
+    def _warmup(self, optimizer: torch.optim.Optimizer, base_lr: float, step: int, decay_steps: int = 0) -> None:
+        """Linear warm-up over ``warmup_steps``; with ``lr_decay=cosine`` and ``decay_steps`` > 0, then a cosine from
+        the base rate down to ``min_lr_ratio`` of it at step ``decay_steps``."""
         factor = min(1.0, (step + 1) / max(self.config.warmup_steps, 1))
+        if self.config.lr_decay == "cosine" and decay_steps > 0:
+            progress = min(1.0, step / decay_steps)
+            ratio = self.config.min_lr_ratio
+            factor *= ratio + (1.0 - ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
         for group in optimizer.param_groups:
             group["lr"] = base_lr * factor
+
+    def _dd2_steps(self) -> int:
+        """Batches of phase 2 (DD2 updates) in the run: ``max_steps`` minus the GTS batches (0 when unknown)."""
+        total = int(self.trainer.max_steps) if self._trainer is not None else -1
+        return max(total - self.config.gts_steps, 0)
 
     def _levels(self, shape: tuple[int, ...], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         s = sample_noise_levels(shape, self.config.s_min, self.config.s_max, generator, self.device)
@@ -231,8 +248,8 @@ class DD2Task(StepIndexedData, L.LightningModule):
                           batch_size=labels.shape[0])
             return
         dd2_step = step - cfg.gts_steps
-        self._warmup(fake_opt.optimizer, cfg.lr_fake, dd2_step)
-        self._warmup(gen_opt.optimizer, cfg.lr_generator, dd2_step)
+        self._warmup(fake_opt.optimizer, cfg.lr_fake, dd2_step, self._dd2_steps())
+        self._warmup(gen_opt.optimizer, cfg.lr_generator, dd2_step, self._dd2_steps())
         sample = self._sample(labels, noise)
         s, eps = self._levels(shape, generator)
         with torch.no_grad():
