@@ -44,11 +44,12 @@ PROFILES = {"default": {"gpt_tiny": {"pairs": 10000, "steps": 800, "batch": 64},
             "long": {"gpt_tiny": {"pairs": 20000, "steps": 3000, "batch": 64},
                      "var_tiny": {"pairs": 20000, "steps": 1200, "batch": 64}}}
 #: DD2 (--method dd2, no pairs): steps chosen so that training takes about the CPU time of the DD run of the same
-#: profile end to end (pairs + training), the comparison the README makes
-DD2_PROFILES = {"default": {"gpt_tiny": {"pairs": 0, "steps": 600, "batch": 64},
-                            "var_tiny": {"pairs": 0, "steps": 300, "batch": 64}},
-                "long": {"gpt_tiny": {"pairs": 0, "steps": 2400, "batch": 64},
-                         "var_tiny": {"pairs": 0, "steps": 1000, "batch": 64}}}
+#: profile end to end (pairs + training), the comparison the README makes. Batch 8: at equal CPU time many small
+#: alternating updates beat few large ones (docs/dd2_study.md, rows O-U: batch 64 / 32 / 16 / 8 / 4)
+DD2_PROFILES = {"default": {"gpt_tiny": {"pairs": 0, "steps": 3000, "batch": 8},
+                            "var_tiny": {"pairs": 0, "steps": 1500, "batch": 8}},
+                "long": {"gpt_tiny": {"pairs": 0, "steps": 16000, "batch": 8},
+                         "var_tiny": {"pairs": 0, "steps": 5000, "batch": 8}}}
 FALLBACK_SIZES = {"pairs": 10000, "steps": 800, "batch": 64}  # presets without a profile entry
 #: points of the quality-against-training-time curve per profile (EMA snapshots evaluated at 1 and 2 steps)
 CURVE_POINTS = {"default": 0, "long": 6}

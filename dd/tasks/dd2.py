@@ -58,7 +58,7 @@ class DD2Config:
     betas: tuple[float, float] = (0.0, 0.999)
     weight_decay: float = 0.0
     warmup_steps: int = 20
-    lr_decay: str = "none"  # none (constant after warm-up) | cosine (both networks, over the DD2 steps)
+    lr_decay: str = "cosine"  # cosine (both networks, over the DD2 steps) | none (constant after warm-up)
     min_lr_ratio: float = 0.1  # lr_decay=cosine: final learning rate / base learning rate
     s_min: float = 0.02
     s_max: float = 0.98
