@@ -255,7 +255,7 @@ def test_cosine_decay_falls_from_the_base_rate_to_the_floor_after_warm_up() -> N
         optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
         out = []
         for step in steps:
-            DD2Task._warmup(SimpleNamespace(config=config), optimizer, 2e-4, step, total)
+            DD2Task._schedule_lr(SimpleNamespace(config=config), optimizer, 2e-4, step, total)
             out.append(optimizer.param_groups[0]["lr"])
         return out
 
@@ -265,7 +265,8 @@ def test_cosine_decay_falls_from_the_base_rate_to_the_floor_after_warm_up() -> N
     assert got[1] == pytest.approx(2e-4 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.09))))
     assert got[2] == pytest.approx(2e-4 * 0.55)  # halfway: the mean of base and floor
     assert got[3] == pytest.approx(2e-5) and got[4] == pytest.approx(2e-5)  # the floor, and it stays there
-    assert rates(DD2Config(lr_decay="none", warmup_steps=10), [50, 100], total=100) == pytest.approx([2e-4, 2e-4])  # none: constant
+    constant = DD2Config(lr_decay="none", warmup_steps=10)
+    assert rates(constant, [50, 100], total=100) == pytest.approx([2e-4, 2e-4])  # none: constant after warm-up
     with pytest.raises(ValueError, match="lr_decay"):
         DD2Config(lr_decay="linear")
     with pytest.raises(ValueError, match="min_lr_ratio"):

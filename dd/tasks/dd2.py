@@ -177,7 +177,7 @@ class DD2Task(StepIndexedData, L.LightningModule):
                                  weight_decay=cfg.weight_decay)
         return [gen, fake]
 
-    def _warmup(self, optimizer: torch.optim.Optimizer, base_lr: float, step: int, decay_steps: int = 0) -> None:
+    def _schedule_lr(self, optimizer: torch.optim.Optimizer, base_lr: float, step: int, decay_steps: int = 0) -> None:
         """Linear warm-up over ``warmup_steps``; with ``lr_decay=cosine`` and ``decay_steps`` > 0, then a cosine from
         the base rate down to ``min_lr_ratio`` of it at step ``decay_steps``."""
         factor = min(1.0, (step + 1) / max(self.config.warmup_steps, 1))
@@ -233,7 +233,7 @@ class DD2Task(StepIndexedData, L.LightningModule):
         shape = tuple(labels.shape) + (self.family.sequence_length,)
         cfg = self.config
         if step < cfg.gts_steps:  # phase 1: guidance network <- analytic teacher denoiser
-            self._warmup(fake_opt.optimizer, cfg.lr_fake, step)
+            self._schedule_lr(fake_opt.optimizer, cfg.lr_fake, step)
             with torch.no_grad():
                 ids = self._sample(labels, noise).ids
                 log_probs = self.family.teacher_log_probs(labels, ids, self.sampling)
@@ -248,8 +248,8 @@ class DD2Task(StepIndexedData, L.LightningModule):
                           batch_size=labels.shape[0])
             return
         dd2_step = step - cfg.gts_steps
-        self._warmup(fake_opt.optimizer, cfg.lr_fake, dd2_step, self._dd2_steps())
-        self._warmup(gen_opt.optimizer, cfg.lr_generator, dd2_step, self._dd2_steps())
+        self._schedule_lr(fake_opt.optimizer, cfg.lr_fake, dd2_step, self._dd2_steps())
+        self._schedule_lr(gen_opt.optimizer, cfg.lr_generator, dd2_step, self._dd2_steps())
         sample = self._sample(labels, noise)
         s, eps = self._levels(shape, generator)
         with torch.no_grad():
