@@ -248,8 +248,9 @@ class DD2Task(StepIndexedData, L.LightningModule):
                           batch_size=labels.shape[0])
             return
         dd2_step = step - cfg.gts_steps
-        self._schedule_lr(fake_opt.optimizer, cfg.lr_fake, dd2_step, self._dd2_steps())
-        self._schedule_lr(gen_opt.optimizer, cfg.lr_generator, dd2_step, self._dd2_steps())
+        decay_steps = self._dd2_steps()
+        self._schedule_lr(fake_opt.optimizer, cfg.lr_fake, dd2_step, decay_steps)
+        self._schedule_lr(gen_opt.optimizer, cfg.lr_generator, dd2_step, decay_steps)
         sample = self._sample(labels, noise)
         s, eps = self._levels(shape, generator)
         with torch.no_grad():
