@@ -40,7 +40,7 @@ class AnalyticFake(nn.Module):
         super().__init__()
         self.log_probs, self.codebook, self.s = log_probs, codebook, s
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
         return teacher_denoised_at(x, self.s, self.log_probs, self.codebook, differentiable=True)
 
 

@@ -133,46 +133,113 @@ class DenoiseHead(nn.Module):
     """MLP denoiser of one token: (features (.., C), x_s (.., d), s (..)) -> predicted clean token (.., d).
 
     x_s is divided by its expected scale sqrt((1-s)^2 token_var + s^2) (token_var: the codebook's mean squared
-    entry) so every noise level feeds unit-size inputs; the head predicts the clean token directly."""
+    entry) so every noise level feeds unit-size inputs; the head predicts the clean token directly.
+
+    ``residual=True``: the head also reads a base denoiser's output at x_s (the analytic teacher denoiser, divided by
+    sqrt(token_var)) and predicts a correction to it; its output layer starts at zero, so the corrected denoiser
+    starts as the base exactly."""
 
     def __init__(self, feature_dim: int, token_dim: int, width: int = 256, depth: int = 3,
-                 time_dim: int = 64, token_var: float = 1.0) -> None:
+                 time_dim: int = 64, token_var: float = 1.0, residual: bool = False) -> None:
         super().__init__()
         if depth < 1:
             raise ValueError(f"head depth={depth} must be >= 1")
-        self.token_var = float(token_var)
+        self.token_var, self.residual = float(token_var), bool(residual)
         self.time = TimeEmbedding(time_dim)
-        layers: list[nn.Module] = [nn.Linear(feature_dim + token_dim + time_dim, width), nn.SiLU()]
+        inputs = feature_dim + token_dim * (2 if residual else 1) + time_dim
+        layers: list[nn.Module] = [nn.Linear(inputs, width), nn.SiLU()]
         for _ in range(depth - 1):
             layers += [nn.Linear(width, width), nn.SiLU()]
         self.mlp = nn.Sequential(*layers)
         self.out = nn.Linear(width, token_dim)
+        if residual:
+            nn.init.zeros_(self.out.weight)
+            nn.init.zeros_(self.out.bias)
 
-    def forward(self, features: torch.Tensor, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, x: torch.Tensor, s: torch.Tensor,
+                base: torch.Tensor | None = None) -> torch.Tensor:
         scale = torch.sqrt((1.0 - s) ** 2 * self.token_var + s * s)[..., None]
-        h = torch.cat([features.float(), x.float() / scale, self.time(s)], dim=-1)
-        return self.out(self.mlp(h))
+        parts = [features.float(), x.float() / scale, self.time(s)]
+        if self.residual:
+            if base is None:
+                raise ValueError("a residual denoiser head needs the base denoiser's output at x (base=...)")
+            parts.append(base.float() / math.sqrt(self.token_var))
+        out = self.out(self.mlp(torch.cat(parts, dim=-1)))
+        return base.float() + out if self.residual else out
 
 
 class ARDenoiser(nn.Module):
     """The AR-diffusion model: a feature trunk (``family.feature_trunk()``: features of position i from labels and
     the ids before it) and a :class:`DenoiseHead`. ``forward(labels, ids, x_s, s)`` denoises every position at once:
-    ids (B, L) is the (snapped) sequence whose prefixes condition the positions, x_s (B, L, d), s (B, L)."""
+    ids (B, L) is the (snapped) sequence whose prefixes condition the positions, x_s (B, L, d), s (B, L).
+
+    ``residual=True`` (``method.guidance=residual``): the network is the analytic teacher denoiser at x_s plus a
+    learned correction, ``F = D_T + R``, with R = 0 at initialisation, so F starts equal to the teacher's denoiser
+    exactly (what GTS approximates by regression) and only the difference between the generator's and the
+    teacher's conditional distributions has to be learned. ``forward`` then needs ``base`` = D_T(x_s)."""
 
     def __init__(self, trunk: nn.Module, token_dim: int, width: int = 256, depth: int = 3,
-                 token_var: float = 1.0) -> None:
+                 token_var: float = 1.0, residual: bool = False) -> None:
         super().__init__()
         self.trunk = trunk
-        self.head = DenoiseHead(int(trunk.feature_dim), token_dim, width, depth, token_var=token_var)
+        self.residual = bool(residual)
+        self.head = DenoiseHead(int(trunk.feature_dim), token_dim, width, depth, token_var=token_var,
+                                residual=residual)
 
     def features(self, labels: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return self.trunk(labels, ids)
 
     def forward(self, labels: torch.Tensor, ids: torch.Tensor, x: torch.Tensor, s: torch.Tensor,
-                features: torch.Tensor | None = None) -> torch.Tensor:
+                features: torch.Tensor | None = None, base: torch.Tensor | None = None) -> torch.Tensor:
         if features is None:
             features = self.features(labels, ids)
-        return self.head(features, x, s)
+        return self.head(features, x, s, base)
+
+
+class CategoricalGuidance(nn.Module):
+    """A categorical guidance network (``method.guidance=categorical``): the generator's conditional distribution of
+    the code at position i given the codes before it, ``log pi_i = log_softmax(max(log p_i, floor) + R(h_i))``, with
+    p_i the teacher's per-position sampling distribution (``family.teacher_log_probs``, -inf where filtered, floored
+    so a generated code outside the teacher's support keeps a finite likelihood), h_i the trunk's features of the
+    prefix and R an MLP correction whose output layer starts at zero: pi starts as the teacher's distribution
+    exactly. It is fitted by maximum likelihood on the generator's codes (:func:`categorical_guidance_loss`), and its
+    denoiser is the analytic mixture denoiser of pi, like the teacher's."""
+
+    def __init__(self, trunk: nn.Module, vocab_size: int, width: int = 256, depth: int = 2,
+                 floor: float = -30.0) -> None:
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"head depth={depth} must be >= 1")
+        self.trunk, self.floor = trunk, float(floor)
+        layers: list[nn.Module] = []
+        size = int(trunk.feature_dim)
+        for _ in range(depth - 1):
+            layers += [nn.Linear(size, width), nn.SiLU()]
+            size = width
+        self.mlp = nn.Sequential(*layers)
+        self.out = nn.Linear(size, vocab_size)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def features(self, labels: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return self.trunk(labels, ids)
+
+    def forward(self, teacher_log_probs: torch.Tensor, labels: torch.Tensor | None = None,
+                ids: torch.Tensor | None = None, features: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L, V) log pi from the teacher's log-probs of the same prefixes and the trunk's features (computed
+        from ``labels`` and ``ids`` unless given)."""
+        if features is None:
+            if labels is None or ids is None:
+                raise ValueError("CategoricalGuidance needs features or (labels, ids)")
+            features = self.features(labels, ids)
+        correction = self.out(self.mlp(features.float()))
+        return torch.log_softmax(teacher_log_probs.float().clamp_min(self.floor) + correction, dim=-1)
+
+
+def categorical_guidance_loss(log_pi: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood of the generator's codes ids (B, L) under the guidance distribution (B, L, V),
+    averaged over tokens: its optimum is the generator's conditional code distribution given each prefix."""
+    return -log_pi.gather(-1, ids[..., None]).mean()
 
 
 # -- generator output -----------------------------------------------------------------------------------------------
@@ -215,15 +282,24 @@ def gts_loss(fake: ARDenoiser, labels: torch.Tensor, ids: torch.Tensor, q: torch
     x = noised(q.detach().float(), s, eps)
     with torch.no_grad():
         target = teacher_denoised_at(x, s, log_probs, codebook)
-    return (fake(labels, ids, x, s) - target).pow(2).sum(-1).mean()
+    return (fake(labels, ids, x, s, base=target if fake.residual else None) - target).pow(2).sum(-1).mean()
 
 
 def fake_score_loss(fake: ARDenoiser, labels: torch.Tensor, ids: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
-                    eps: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+                    eps: torch.Tensor, features: torch.Tensor | None = None,
+                    teacher_denoiser: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Denoising score matching on the generator's (detached) tokens, conditioned on their snapped prefixes.
-    ``features``: the trunk's features of ``ids`` under the current weights, if already computed (with a graph)."""
+    ``features``: the trunk's features of ``ids`` under the current weights, if already computed (with a graph).
+    ``teacher_denoiser`` (x -> D_T(x), e.g. :func:`teacher_denoiser_fn`): the base of a residual network."""
     q = q.detach().float()
-    return (fake(labels, ids, noised(q, s, eps), s, features=features) - q).pow(2).sum(-1).mean()
+    x = noised(q, s, eps)
+    base = None
+    if fake.residual:
+        if teacher_denoiser is None:
+            raise ValueError("a residual guidance network needs teacher_denoiser (its base) for score matching")
+        with torch.no_grad():
+            base = teacher_denoiser(x.detach())
+    return (fake(labels, ids, x, s, features=features, base=base) - q).pow(2).sum(-1).mean()
 
 
 @dataclass(frozen=True)
@@ -260,8 +336,9 @@ def sid_generator_loss(q: torch.Tensor, s: torch.Tensor, eps: torch.Tensor,
 
     Per generated token q_i (B, L, d; its prefix enters the denoisers as ids, so it is a stop-gradient) noised to
     ``x = (1 - s) q + s eps`` *with* the gradient flowing through x, teacher ``D = teacher_denoiser(x)`` and fake
-    ``F = fake_denoiser(x)`` (callables of x only, both differentiable in x; the fake's parameters must not take
-    gradients from this loss, see :func:`frozen_fake_denoiser`), the loss is ::
+    ``F = fake_denoiser(x, D)`` (both differentiable in x; the fake may use the teacher's D, as a residual guidance
+    network does, or ignore it; the fake's parameters must not take gradients from this loss, see
+    :func:`frozen_fake_denoiser`), the loss is ::
 
         w * [ (1 - alpha) ||D - F||^2 + (D - F)^T (F - q) ]
 
@@ -270,7 +347,8 @@ def sid_generator_loss(q: torch.Tensor, s: torch.Tensor, eps: torch.Tensor,
     w (F - D), the same signal size the DMD form logs."""
     q = q if q.dtype == torch.float64 else q.float()
     x = noised(q, s, eps)
-    teacher_d, fake_d = teacher_denoiser(x).to(q.dtype), fake_denoiser(x).to(q.dtype)
+    teacher_d = teacher_denoiser(x).to(q.dtype)
+    fake_d = fake_denoiser(x, teacher_d).to(q.dtype)
     diff = teacher_d - fake_d
     weight = _sample_weight(q, teacher_d, normalize)
     per_token = (1.0 - alpha) * diff.pow(2).sum(-1) + (diff * (fake_d - q)).sum(-1)
@@ -279,24 +357,26 @@ def sid_generator_loss(q: torch.Tensor, s: torch.Tensor, eps: torch.Tensor,
 
 
 def frozen_fake_denoiser(fake: ARDenoiser, labels: torch.Tensor, ids: torch.Tensor, s: torch.Tensor,
-                         features: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """x (B, L, d) -> F(x, s | ids_<i): the guidance network's head at trunk features computed once, without a
-    graph, from ``ids`` (or the given ``features``, detached here); differentiable in x, while the head runs on
-    detached copies of its parameters, so a backward through it leaves every ``.grad`` of ``fake`` untouched (the
-    SiD generator loss)."""
+                         features: torch.Tensor | None = None
+                         ) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
+    """(x (B, L, d), teacher's D_T(x) or None) -> F(x, s | ids_<i): the guidance network's head at trunk features
+    computed once, without a graph, from ``ids`` (or the given ``features``, detached here); differentiable in x (and
+    in D_T(x), the base of a residual network), while the head runs on detached copies of its parameters, so a
+    backward through it leaves every ``.grad`` of ``fake`` untouched (the SiD generator loss)."""
     if features is None:
         with torch.no_grad():
             features = fake.features(labels, ids)
     features = features.detach()
     params = {name: p.detach() for name, p in fake.head.named_parameters()}
-    return lambda x: functional_call(fake.head, params, (features, x, s))
+    return lambda x, base=None: functional_call(fake.head, params, (features, x, s, base))
 
 
 def teacher_denoiser_fn(s: torch.Tensor, log_probs: torch.Tensor,
-                        codebook: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """x (B, L, d) -> the analytic teacher denoiser D_T(x, s) at levels s (B, L) with log-probs (B, L, V),
-    differentiable in x (the SiD generator loss)."""
-    return lambda x: teacher_denoised_at(x, s, log_probs, codebook, differentiable=True)
+                        codebook: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """x (B, L, d) -> the analytic mixture denoiser D(x, s) at levels s (B, L) of log-probs (B, L, V) (the teacher's,
+    or a categorical guidance network's), differentiable in x (the SiD generator loss). A second argument (the
+    teacher's denoiser at x, which a residual guidance network reads) is accepted and ignored."""
+    return lambda x, base=None: teacher_denoised_at(x, s, log_probs, codebook, differentiable=True)
 
 
 def teacher_denoised_at(x: torch.Tensor, s: torch.Tensor, log_probs: torch.Tensor, codebook: torch.Tensor,
