@@ -196,52 +196,6 @@ class ARDenoiser(nn.Module):
         return self.head(features, x, s, base)
 
 
-class CategoricalGuidance(nn.Module):
-    """A categorical guidance network (``method.guidance=categorical``): the generator's conditional distribution of
-    the code at position i given the codes before it, ``log pi_i = log_softmax(max(log p_i, floor) + R(h_i))``, with
-    p_i the teacher's per-position sampling distribution (``family.teacher_log_probs``, -inf where filtered, floored
-    so a generated code outside the teacher's support keeps a finite likelihood), h_i the trunk's features of the
-    prefix and R an MLP correction whose output layer starts at zero: pi starts as the teacher's distribution
-    exactly. It is fitted by maximum likelihood on the generator's codes (:func:`categorical_guidance_loss`), and its
-    denoiser is the analytic mixture denoiser of pi, like the teacher's."""
-
-    def __init__(self, trunk: nn.Module, vocab_size: int, width: int = 256, depth: int = 2,
-                 floor: float = -30.0) -> None:
-        super().__init__()
-        if depth < 1:
-            raise ValueError(f"head depth={depth} must be >= 1")
-        self.trunk, self.floor = trunk, float(floor)
-        layers: list[nn.Module] = []
-        size = int(trunk.feature_dim)
-        for _ in range(depth - 1):
-            layers += [nn.Linear(size, width), nn.SiLU()]
-            size = width
-        self.mlp = nn.Sequential(*layers)
-        self.out = nn.Linear(size, vocab_size)
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
-
-    def features(self, labels: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return self.trunk(labels, ids)
-
-    def forward(self, teacher_log_probs: torch.Tensor, labels: torch.Tensor | None = None,
-                ids: torch.Tensor | None = None, features: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, L, V) log pi from the teacher's log-probs of the same prefixes and the trunk's features (computed
-        from ``labels`` and ``ids`` unless given)."""
-        if features is None:
-            if labels is None or ids is None:
-                raise ValueError("CategoricalGuidance needs features or (labels, ids)")
-            features = self.features(labels, ids)
-        correction = self.out(self.mlp(features.float()))
-        return torch.log_softmax(teacher_log_probs.float().clamp_min(self.floor) + correction, dim=-1)
-
-
-def categorical_guidance_loss(log_pi: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Negative log-likelihood of the generator's codes ids (B, L) under the guidance distribution (B, L, V),
-    averaged over tokens: its optimum is the generator's conditional code distribution given each prefix."""
-    return -log_pi.gather(-1, ids[..., None]).mean()
-
-
 # -- generator output -----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class GeneratorSample:
@@ -373,9 +327,9 @@ def frozen_fake_denoiser(fake: ARDenoiser, labels: torch.Tensor, ids: torch.Tens
 
 def teacher_denoiser_fn(s: torch.Tensor, log_probs: torch.Tensor,
                         codebook: torch.Tensor) -> Callable[..., torch.Tensor]:
-    """x (B, L, d) -> the analytic mixture denoiser D(x, s) at levels s (B, L) of log-probs (B, L, V) (the teacher's,
-    or a categorical guidance network's), differentiable in x (the SiD generator loss). A second argument (the
-    teacher's denoiser at x, which a residual guidance network reads) is accepted and ignored."""
+    """x (B, L, d) -> the analytic teacher denoiser D_T(x, s) at levels s (B, L) with log-probs (B, L, V),
+    differentiable in x (the SiD generator loss). A second argument (the teacher's denoiser at x, which a residual
+    guidance network reads) is accepted and ignored, so the function can stand where a guidance network does."""
     return lambda x, base=None: teacher_denoised_at(x, s, log_probs, codebook, differentiable=True)
 
 

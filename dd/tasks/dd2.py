@@ -28,8 +28,7 @@ import torch
 from torch.utils.data import Dataset
 
 from dd.checkpoint import load_entries
-from dd.distill.dd2 import (ARDenoiser, CategoricalGuidance, categorical_guidance_loss, fake_score_loss,
-                            frozen_fake_denoiser, generator_loss, generator_sample, gts_loss, noised, regression_loss, sample_noise_levels, sid_generator_loss,
+from dd.distill.dd2 import (ARDenoiser, fake_score_loss, frozen_fake_denoiser, generator_loss, generator_sample, gts_loss, noised, regression_loss, sample_noise_levels, sid_generator_loss,
                             teacher_denoised_at, teacher_denoiser_fn, teacher_nll)
 from dd.distill.ema import EMA
 from dd.models.protocol import ARFamily
@@ -44,7 +43,7 @@ from dd.tasks.distillation import StepIndexedData
 LOSS_FORMS = ("dmd", "sid")
 
 #: method.guidance values (dd.distill.dd2.ARDenoiser: residual=False / True)
-GUIDANCE_FORMS = ("direct", "residual", "categorical")
+GUIDANCE_FORMS = ("direct", "residual")
 
 
 @dataclass(frozen=True)
@@ -67,8 +66,7 @@ class DD2Config:
     s_max: float = 0.98
     normalize: bool = True
     grad_clip: float = 1.0
-    guidance: str = "direct"  # direct (the paper's AR-diffusion head) | residual | categorical (see the yaml)
-    guidance_trunk: str = "train"  # train | frozen (the guidance network's trunk stays the teacher's; head only)
+    guidance: str = "direct"  # direct (the paper's AR-diffusion head, GTS-initialised) | residual (D_T + correction)
     head_width: int = 256
     head_depth: int = 3
     dd_weight: float = 0.0  # > 0: add DD's pair regression (needs data.pairs_dir) to the generator loss
@@ -89,15 +87,10 @@ class DD2Config:
             raise ValueError(f"method.sid_alpha={self.sid_alpha} must be a finite number")
         if self.guidance not in GUIDANCE_FORMS:
             raise ValueError(f"method.guidance={self.guidance!r}: expected one of {', '.join(GUIDANCE_FORMS)}")
-        if self.guidance != "direct" and self.gts_steps > 0:
+        if self.guidance == "residual" and self.gts_steps > 0:
             raise ValueError(f"method.guidance={self.guidance} starts the guidance network equal to the teacher's "
                              f"denoiser, so GTS (method.gts_steps={self.gts_steps}) has nothing to fit and would "
                              "only spend time: set method.gts_steps=0")
-        if self.guidance_trunk not in ("train", "frozen"):
-            raise ValueError(f"method.guidance_trunk={self.guidance_trunk!r}: expected 'train' or 'frozen'")
-        if self.guidance_trunk == "frozen" and self.guidance == "direct":
-            raise ValueError("method.guidance_trunk=frozen needs method.guidance=residual or categorical: the direct "
-                             "guidance network starts from GTS, which fits its trunk")
         if self.lr_decay not in ("none", "cosine"):
             raise ValueError(f"method.lr_decay={self.lr_decay!r}: expected 'none' or 'cosine'")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -148,8 +141,7 @@ class NoiseLabelDataset(Dataset):
 class DD2Task(StepIndexedData, L.LightningModule):
     """Generator + guidance network + frozen teacher (``family``); see the module docstring."""
 
-    def __init__(self, family: ARFamily, generator: torch.nn.Module, fake: ARDenoiser | CategoricalGuidance,
-                 sampling: SamplingConfig,
+    def __init__(self, family: ARFamily, generator: torch.nn.Module, fake: ARDenoiser, sampling: SamplingConfig,
                  config: DD2Config, ema_decay: float, train_data: Dataset, val_data: Dataset, batch_size: int,
                  num_workers: int = 0, seed: int = 0, generator_from_guidance: bool = False) -> None:
         super().__init__()
@@ -190,13 +182,9 @@ class DD2Task(StepIndexedData, L.LightningModule):
         cfg = self.config
         gen = torch.optim.AdamW(self.student.parameters(), lr=cfg.lr_generator, betas=cfg.betas,
                                 weight_decay=cfg.weight_decay)
-        fake = torch.optim.AdamW(self._fake_parameters(), lr=cfg.lr_fake, betas=cfg.betas,
+        fake = torch.optim.AdamW(self.fake.parameters(), lr=cfg.lr_fake, betas=cfg.betas,
                                  weight_decay=cfg.weight_decay)
         return [gen, fake]
-
-    def _fake_parameters(self) -> list[torch.nn.Parameter]:
-        """The guidance network's trained parameters (its trunk's only with ``guidance_trunk=train``)."""
-        return [p for p in self.fake.parameters() if p.requires_grad]
 
     def _schedule_lr(self, optimizer: torch.optim.Optimizer, base_lr: float, step: int, decay_steps: int = 0) -> None:
         """Linear warm-up over ``warmup_steps``; with ``lr_decay=cosine`` and ``decay_steps`` > 0, then a cosine from
@@ -262,7 +250,7 @@ class DD2Task(StepIndexedData, L.LightningModule):
                 drawn = inverse_cdf(log_probs.exp(), uniforms)  # token i ~ p_i(. | generated prefix)
             s, eps = self._levels(shape, generator)
             loss = gts_loss(self.fake, labels, ids, codebook[drawn], log_probs, codebook, s, eps)
-            self._update(fake_opt, loss, self._fake_parameters())
+            self._update(fake_opt, loss, self.fake.parameters())
             if self.generator_from_guidance and int(self.batches_seen) == cfg.gts_steps:  # GTS ends here
                 self._init_generator_from_guidance()
             self.log_dict({"train/loss": loss, "train/dd2_gts": loss}, prog_bar=True, on_step=True, on_epoch=False,
@@ -279,24 +267,16 @@ class DD2Task(StepIndexedData, L.LightningModule):
         # the guidance trunk's features of the generated prefixes, with a graph: read detached by the generator loss,
         # then reused by the first guidance update (the guidance weights do not change in between)
         features = self.fake.features(labels, sample.ids)
-        categorical = isinstance(self.fake, CategoricalGuidance)
-        fake_log_pi = self.fake(log_probs, features=features) if categorical else None  # with a graph, reused below
         if cfg.loss_form == "sid":  # gradient through x_s into both denoisers; the guidance network stays frozen
-            if categorical:  # the analytic denoiser of the guidance distribution (detached: a frozen network)
-                fake_denoiser = teacher_denoiser_fn(s, fake_log_pi.detach(), codebook)
-            else:
-                fake_denoiser = frozen_fake_denoiser(self.fake, labels, sample.ids, s, features)
-            terms = sid_generator_loss(sample.q, s, eps, teacher_denoiser_fn(s, log_probs, codebook), fake_denoiser,
+            terms = sid_generator_loss(sample.q, s, eps, teacher_denoiser_fn(s, log_probs, codebook),
+                                       frozen_fake_denoiser(self.fake, labels, sample.ids, s, features),
                                        cfg.sid_alpha, cfg.normalize)
         else:
             with torch.no_grad():
                 x = noised(sample.q.detach().float(), s, eps)
                 teacher_d = teacher_denoised_at(x, s, log_probs, codebook)
-                if categorical:
-                    fake_d = teacher_denoised_at(x, s, fake_log_pi.detach(), codebook)
-                else:
-                    fake_d = self.fake(labels, sample.ids, x, s, features=features.detach(),
-                                       base=teacher_d if self.fake.residual else None)
+                fake_d = self.fake(labels, sample.ids, x, s, features=features.detach(),
+                                   base=teacher_d if self.fake.residual else None)
             terms = generator_loss(sample.q, teacher_d, fake_d, cfg.normalize)
         loss = terms.loss
         if cfg.dd_weight > 0:  # DD's regression on the batch's pairs (same noise, same forward)
@@ -307,16 +287,10 @@ class DD2Task(StepIndexedData, L.LightningModule):
         self._update(gen_opt, loss, self.student.parameters())
         self.ema.update(self.student)
         for update in range(cfg.fake_updates):  # guidance network <- score of the generator's samples (this batch's)
-            if categorical:  # maximum likelihood of the generated codes given their prefixes
-                if update > 0:
-                    fake_log_pi = self.fake(log_probs, labels, sample.ids)
-                fake_loss = categorical_guidance_loss(fake_log_pi, sample.ids)
-            else:
-                s, eps = self._levels(shape, generator)
-                fake_loss = fake_score_loss(self.fake, labels, sample.ids, sample.q.detach(), s, eps,
-                                            features if update == 0 else None,
-                                            teacher_denoiser_fn(s, log_probs, codebook))
-            self._update(fake_opt.optimizer, fake_loss, self._fake_parameters())  # raw: not a Lightning step
+            s, eps = self._levels(shape, generator)
+            fake_loss = fake_score_loss(self.fake, labels, sample.ids, sample.q.detach(), s, eps,
+                                        features if update == 0 else None, teacher_denoiser_fn(s, log_probs, codebook))
+            self._update(fake_opt.optimizer, fake_loss, self.fake.parameters())  # raw: not a Lightning step
         self.log_dict({"train/loss": terms.loss.detach(), "train/dd2_fake": fake_loss.detach(),
                        "train/dd2_signal": terms.grad_norm, "train/teacher_nll": teacher_nll(log_probs, sample.ids)},
                       prog_bar=True, on_step=True, on_epoch=False, batch_size=labels.shape[0])
@@ -347,15 +321,8 @@ def build_dd2_task(cfg: dict[str, Any], spec: Any, family: ARFamily, pairs: tupl
     else:
         generator = spec.build_student(family.codebook(), init="checkpoint", checkpoint=init)
     codebook = family.codebook().float()
-    trunk = family.feature_trunk()
-    if config.guidance_trunk == "frozen":
-        trunk.requires_grad_(False)
-    if config.guidance == "categorical":
-        fake = CategoricalGuidance(trunk, int(codebook.shape[0]), config.head_width,
-                                   config.head_depth)
-    else:
-        fake = ARDenoiser(trunk, family.token_dim, config.head_width, config.head_depth,
-                          token_var=float(codebook.detach().pow(2).mean()), residual=config.guidance == "residual")
+    fake = ARDenoiser(family.feature_trunk(), family.token_dim, config.head_width, config.head_depth,
+                      token_var=float(codebook.detach().pow(2).mean()), residual=config.guidance == "residual")
     batch, steps, seed = int(cfg["batch_size"]), int(cfg["max_steps"]), int(cfg["seed"])
     pool = int(cfg["method"].get("noise_pool") or batch * steps)  # default: fresh noise every step
     world = world_size(cfg["trainer"])
