@@ -97,3 +97,15 @@ def test_residual_guidance_is_refused_with_gts_steps(tmp_path: Path) -> None:
                                                                                 "method.gts_steps": 0})))
     assert not (tmp_path / "checkpoints").exists()
 
+
+
+def test_dd2_defaults_come_from_the_method_and_the_preset() -> None:
+    """method=dd2 brings its recommended batch size (8) and the preset may name its DD2 learning-rate decay
+    (var_tiny: none); explicit overrides win, and DD keeps its own batch size."""
+    assert compose_cfg("train", [])["batch_size"] == 64
+    gpt = compose_cfg("train", ["method=dd2"])
+    assert gpt["batch_size"] == 8 and gpt["method"]["lr_decay"] == "cosine"
+    var = compose_cfg("train", ["method=dd2", "model=var_tiny"])
+    assert var["batch_size"] == 8 and var["method"]["lr_decay"] == "none"
+    given = compose_cfg("train", ["method=dd2", "model=var_tiny", "batch_size=32", "method.lr_decay=cosine"])
+    assert given["batch_size"] == 32 and given["method"]["lr_decay"] == "cosine"

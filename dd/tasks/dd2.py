@@ -102,7 +102,7 @@ class DD2Config:
 
 
 #: keys of configs/method/dd2.yaml that are not DD2Config fields (read by build_dd2_task itself)
-TASK_KEYS = ("name", "generator_init", "noise_pool", "val_samples")
+TASK_KEYS = ("name", "generator_init", "noise_pool", "val_samples", "default_batch_size")
 
 
 GENERATOR_INITS = ("teacher", "ar_diffusion")
