@@ -17,7 +17,9 @@ Three networks:
   ``dd.eval sampler=fewstep schedule=onestep`` takes when ``split_t`` covers the sequence) or the continuous head
   (``output="continuous"``: evaluate with ``schedule.split_t=0``).
 * the *guidance* (fake score) network F: an "AR-diffusion" model, the teacher's trunk (features of position i from
-  the tokens before it) with its logits head replaced by an MLP denoiser head ``F(features_i, x_s, s) -> q``.
+  the tokens before it) with its logits head replaced by an MLP denoiser head ``F(features_i, x_s, s) -> q``; or, in
+  the residual form (``method.guidance=residual``), the analytic teacher denoiser plus a learned correction,
+  ``F = D_T + R(features_i, x_s, s, D_T)``, R zero at the start.
 * the teacher, frozen, through ``family.teacher_log_probs`` (its per-position sampling distribution given a prefix).
 
 Losses (``s`` drawn per token, ``eps`` fresh Gaussian noise):
