@@ -28,7 +28,8 @@ import torch
 from torch.utils.data import Dataset
 
 from dd.checkpoint import load_entries
-from dd.distill.dd2 import (ARDenoiser, fake_score_loss, frozen_fake_denoiser, generator_loss, generator_sample, gts_loss, noised, regression_loss, sample_noise_levels, sid_generator_loss,
+from dd.distill.dd2 import (ARDenoiser, fake_score_loss, frozen_fake_denoiser, generator_loss, generator_sample,
+                            gts_loss, noised, regression_loss, sample_noise_levels, sid_generator_loss,
                             teacher_denoised_at, teacher_denoiser_fn, teacher_nll)
 from dd.distill.ema import EMA
 from dd.models.protocol import ARFamily
