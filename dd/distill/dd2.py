@@ -184,9 +184,12 @@ class ARDenoiser(nn.Module):
                  token_var: float = 1.0, residual: bool = False) -> None:
         super().__init__()
         self.trunk = trunk
-        self.residual = bool(residual)
         self.head = DenoiseHead(int(trunk.feature_dim), token_dim, width, depth, token_var=token_var,
                                 residual=residual)
+
+    @property
+    def residual(self) -> bool:
+        return self.head.residual
 
     def features(self, labels: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return self.trunk(labels, ids)
@@ -234,11 +237,12 @@ def generator_sample(student: nn.Module, labels: torch.Tensor, noise: torch.Tens
 # -- losses ---------------------------------------------------------------------------------------------------------
 def gts_loss(fake: ARDenoiser, labels: torch.Tensor, ids: torch.Tensor, q: torch.Tensor, log_probs: torch.Tensor,
              codebook: torch.Tensor, s: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """Regression of the analytic teacher denoiser at x_s = noised(q): mean over tokens of the squared error."""
+    """Regression of the analytic teacher denoiser at x_s = noised(q): mean over tokens of the squared error. For a
+    direct guidance network only: a residual one starts at this target (its head raises for the missing base)."""
     x = noised(q.detach().float(), s, eps)
     with torch.no_grad():
         target = teacher_denoised_at(x, s, log_probs, codebook)
-    return (fake(labels, ids, x, s, base=target if fake.residual else None) - target).pow(2).sum(-1).mean()
+    return (fake(labels, ids, x, s) - target).pow(2).sum(-1).mean()
 
 
 def fake_score_loss(fake: ARDenoiser, labels: torch.Tensor, ids: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
