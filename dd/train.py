@@ -33,6 +33,13 @@ def _validate(cfg: dict[str, Any], spec: Any) -> None:
                           ) from err
     if int(cfg["max_steps"]) < 1 or int(cfg["batch_size"]) < 1:
         raise ConfigError("max_steps and batch_size must be >= 1")
+    if _method(cfg) == "dd":
+        from dd.tasks.distillation import OptimConfig
+
+        try:
+            OptimConfig(**cfg["optim"])
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"optim: {err}") from err
     if int(cfg.get("snapshot_every", 0)) < 0:
         raise ConfigError(f"snapshot_every={cfg['snapshot_every']} must be >= 0 (0: no snapshots)")
     if int(cfg["data"]["val_every"]) < 2:

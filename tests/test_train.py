@@ -107,6 +107,9 @@ def test_bad_train_settings_fail_early(pairs_dir: Path, tmp_path: Path) -> None:
         run_train(compose_cfg("train", _train_overrides(pairs_dir, tmp_path, **{"schedule.split_t": 40})))
     with pytest.raises(ConfigError, match="no pairs at"):
         run_train(compose_cfg("train", _train_overrides(tmp_path / "nothing", tmp_path)))
+    with pytest.raises(ConfigError, match="optim: optim.decay='step': expected one of cosine, linear"):
+        run_train(compose_cfg("train", _train_overrides(pairs_dir, tmp_path, **{"optim.decay": "step"})))
+    assert not (tmp_path / "checkpoints").exists()  # refused before anything was written
 
 
 def test_short_training_lowers_loss_and_exports_official_layout(preset: str, pairs_dir: Path, tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ from dd.distill.dd2 import (ARDenoiser, fake_score_loss, frozen_fake_denoiser, g
                             gts_loss, noised, regression_loss, sample_noise_levels, sid_generator_loss,
                             teacher_denoised_at, teacher_denoiser_fn, teacher_nll)
 from dd.distill.ema import EMA
+from dd.lr import decayed
 from dd.models.protocol import ARFamily
 from dd.runs import world_size
 from dd.sampling.choosers import inverse_cdf
@@ -192,9 +193,7 @@ class DD2Task(StepIndexedData, L.LightningModule):
         the base rate down to ``min_lr_ratio`` of it at step ``decay_steps``."""
         factor = min(1.0, (step + 1) / max(self.config.warmup_steps, 1))
         if self.config.lr_decay == "cosine" and decay_steps > 0:
-            progress = min(1.0, step / decay_steps)
-            ratio = self.config.min_lr_ratio
-            factor *= ratio + (1.0 - ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+            factor *= decayed(step / decay_steps, self.config.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = base_lr * factor
 

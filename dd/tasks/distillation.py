@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -13,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dd.distill.ema import EMA
 from dd.distill.losses import LossConfig, dd_loss, sample_timesteps
+from dd.lr import DECAY_SHAPES, decayed
 from dd.sampling.dd_samplers import fewstep_sample
 
 
@@ -27,6 +27,12 @@ class OptimConfig:
     decay: str = "cosine"
     min_lr_ratio: float = 0.1
 
+    def __post_init__(self) -> None:
+        if self.decay not in DECAY_SHAPES:  # refused when the task is built, before any training
+            raise ValueError(f"optim.decay={self.decay!r}: expected one of {', '.join(DECAY_SHAPES)}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+
 
 def lr_lambda(config: OptimConfig, total_steps: int) -> Callable[[int], float]:
     """Multiplier of the base lr at optimizer step ``step``."""
@@ -34,11 +40,8 @@ def lr_lambda(config: OptimConfig, total_steps: int) -> Callable[[int], float]:
     def factor(step: int) -> float:
         if step < config.warmup_steps:
             return (step + 1) / max(config.warmup_steps, 1)
-        progress = min(1.0, (step - config.warmup_steps) / max(total_steps - config.warmup_steps, 1))
-        shape = 0.5 * (1 + math.cos(math.pi * progress)) if config.decay == "cosine" else 1 - progress
-        if config.decay not in ("cosine", "linear"):
-            raise ValueError(f"optim.decay={config.decay!r}: expected 'cosine' or 'linear'")
-        return config.min_lr_ratio + (1 - config.min_lr_ratio) * shape
+        progress = (step - config.warmup_steps) / max(total_steps - config.warmup_steps, 1)
+        return decayed(progress, config.min_lr_ratio, config.decay)
 
     return factor
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dd.checkpoint import save_state_dict
+from dd.lr import decayed
 from dd.models.codebook import nearest_code_indices
 from dd.models.llamagen.gpt import LlamaGenGPT
 from dd.models.llamagen.tokenizer import VectorQuantizer, VQTokenizer
@@ -182,8 +183,7 @@ def warmup_cosine_factor(progress: float, warmup_fraction: float, final_ratio: f
     progress = min(max(progress, 0.0), 1.0)
     if warmup_fraction > 0 and progress < warmup_fraction:
         return progress / warmup_fraction
-    decay = (progress - warmup_fraction) / max(1.0 - warmup_fraction, 1e-12)
-    return final_ratio + (1.0 - final_ratio) * 0.5 * (1.0 + math.cos(math.pi * decay))
+    return decayed((progress - warmup_fraction) / max(1.0 - warmup_fraction, 1e-12), final_ratio)
 
 
 def fp16_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
