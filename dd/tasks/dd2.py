@@ -74,7 +74,6 @@ class DD2Config:
     dd_weight: float = 0.0  # > 0: add DD's pair regression (needs data.pairs_dir) to the generator loss
     loss_form: str = "sid"  # generator loss: sid (SiD, Zhou et al. 2024) | dmd (gradient form, denoisers detached)
     sid_alpha: float = 1.2  # SiD's alpha (loss_form=sid)
-    noise_draws: int = 1  # noised copies (s, eps) of every generated token in the generator and guidance losses
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
@@ -82,8 +81,6 @@ class DD2Config:
             raise ValueError(f"method.generator_output={self.generator_output!r}: expected 'logits' or 'continuous'")
         if self.gts_steps < 0 or self.fake_updates < 1:
             raise ValueError("method.gts_steps must be >= 0 and method.fake_updates >= 1")
-        if self.noise_draws < 1:
-            raise ValueError(f"method.noise_draws={self.noise_draws} must be >= 1 (noised copies of each token)")
         if not 0.0 < self.s_min <= self.s_max <= 1.0:
             raise ValueError(f"method.s_min={self.s_min}, s_max={self.s_max}: need 0 < s_min <= s_max <= 1")
         if self.loss_form not in LOSS_FORMS:
@@ -126,11 +123,6 @@ def dd2_config(method: dict[str, Any]) -> DD2Config:
         raise ValueError(f"method.generator_init={init!r}: expected one of {', '.join(GENERATOR_INITS)} or the path "
                          "of a DD student export (e.g. outputs/train/<run>/export/student_ema.pt); no such file")
     return DD2Config(**{k: v for k, v in method.items() if k not in TASK_KEYS})
-
-
-def _draws(rows: torch.Tensor, k: int) -> torch.Tensor:
-    """The batch's rows repeated k times along the batch dimension (draw-major), unchanged for k = 1."""
-    return rows if k == 1 else rows.repeat(k, *([1] * (rows.dim() - 1)))
 
 
 class NoiseLabelDataset(Dataset):
@@ -269,28 +261,23 @@ class DD2Task(StepIndexedData, L.LightningModule):
         self._schedule_lr(fake_opt.optimizer, cfg.lr_fake, dd2_step, decay_steps)
         self._schedule_lr(gen_opt.optimizer, cfg.lr_generator, dd2_step, decay_steps)
         sample = self._sample(labels, noise)
-        # noise_draws k > 1: every generated token enters the losses as k noised copies (the batch's rows repeated k
-        # times; losses average over rows, so over the draws), while the networks' trunks run once per batch
-        k = cfg.noise_draws
-        draws_shape = (k * shape[0], *shape[1:])
-        s, eps = self._levels(draws_shape, generator)
+        s, eps = self._levels(shape, generator)
         with torch.no_grad():
             log_probs = self.family.teacher_log_probs(labels, sample.ids, self.sampling)
         # the guidance trunk's features of the generated prefixes, with a graph: read detached by the generator loss,
         # then reused by the first guidance update (the guidance weights do not change in between)
         features = self.fake.features(labels, sample.ids)
-        q_k, ids_k, labels_k, log_probs_k = (_draws(t, k) for t in (sample.q, sample.ids, labels, log_probs))
         if cfg.loss_form == "sid":  # gradient through x_s into both denoisers; the guidance network stays frozen
-            terms = sid_generator_loss(q_k, s, eps, teacher_denoiser_fn(s, log_probs_k, codebook),
-                                       frozen_fake_denoiser(self.fake, labels_k, ids_k, s, _draws(features, k)),
+            terms = sid_generator_loss(sample.q, s, eps, teacher_denoiser_fn(s, log_probs, codebook),
+                                       frozen_fake_denoiser(self.fake, labels, sample.ids, s, features),
                                        cfg.sid_alpha, cfg.normalize)
         else:
             with torch.no_grad():
-                x = noised(q_k.detach().float(), s, eps)
-                teacher_d = teacher_denoised_at(x, s, log_probs_k, codebook)
-                fake_d = self.fake(labels_k, ids_k, x, s, features=_draws(features.detach(), k),
+                x = noised(sample.q.detach().float(), s, eps)
+                teacher_d = teacher_denoised_at(x, s, log_probs, codebook)
+                fake_d = self.fake(labels, sample.ids, x, s, features=features.detach(),
                                    base=teacher_d if self.fake.residual else None)
-            terms = generator_loss(q_k, teacher_d, fake_d, cfg.normalize)
+            terms = generator_loss(sample.q, teacher_d, fake_d, cfg.normalize)
         loss = terms.loss
         if cfg.dd_weight > 0:  # DD's regression on the batch's pairs (same noise, same forward)
             regression = regression_loss(sample, batch["indices"], codebook, cfg.generator_output)
@@ -300,11 +287,9 @@ class DD2Task(StepIndexedData, L.LightningModule):
         self._update(gen_opt, loss, self.student.parameters())
         self.ema.update(self.student)
         for update in range(cfg.fake_updates):  # guidance network <- score of the generator's samples (this batch's)
-            s, eps = self._levels(draws_shape, generator)
-            if update > 0:  # the guidance weights changed: features anew, once for all draws
-                features = self.fake.features(labels, sample.ids)
-            fake_loss = fake_score_loss(self.fake, labels_k, ids_k, q_k.detach(), s, eps, _draws(features, k),
-                                        teacher_denoiser_fn(s, log_probs_k, codebook))
+            s, eps = self._levels(shape, generator)
+            fake_loss = fake_score_loss(self.fake, labels, sample.ids, sample.q.detach(), s, eps,
+                                        features if update == 0 else None, teacher_denoiser_fn(s, log_probs, codebook))
             self._update(fake_opt.optimizer, fake_loss, self.fake.parameters())  # raw: not a Lightning step
         self.log_dict({"train/loss": terms.loss.detach(), "train/dd2_fake": fake_loss.detach(),
                        "train/dd2_signal": terms.grad_norm, "train/teacher_nll": teacher_nll(log_probs, sample.ids)},
