@@ -74,7 +74,6 @@ class DD2Config:
     dd_weight: float = 0.0  # > 0: add DD's pair regression (needs data.pairs_dir) to the generator loss
     loss_form: str = "sid"  # generator loss: sid (SiD, Zhou et al. 2024) | dmd (gradient form, denoisers detached)
     sid_alpha: float = 1.2  # SiD's alpha (loss_form=sid)
-    continuous_warmup: bool = False  # generator_output=continuous: during GTS its head regresses the soft token
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
@@ -198,26 +197,6 @@ class DD2Task(StepIndexedData, L.LightningModule):
         for group in optimizer.param_groups:
             group["lr"] = base_lr * factor
 
-    def _warm_continuous_head(self, optimizer: torch.optim.Optimizer, labels: torch.Tensor, noise: torch.Tensor,
-                              step: int) -> None:
-        """EXPERIMENT: the continuous head regresses the logits head's soft token (only the head's weights move);
-        the EMA restarts from the result at the end of GTS."""
-        self._schedule_lr(optimizer, self.config.lr_fake, step)
-        t = torch.zeros(labels.shape[0], dtype=torch.long, device=labels.device)
-        tokens, logits = self.student(noise, labels, t)
-        target = (torch.softmax(logits.detach().float() / self.config.temperature, -1) @ self.student.codebook.float())
-        loss = (tokens.float() - target).pow(2).sum(-1).mean()
-        head = set(id(p) for p in self.student.final_layer_conti.parameters())
-        optimizer.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
-        for p in self.student.parameters():
-            if id(p) not in head:
-                p.grad = None
-        optimizer.step()
-        if int(self.batches_seen) == self.config.gts_steps:
-            self.ema.sync(self.student)
-        self.log("train/dd2_head_warmup", loss.detach(), on_step=True, on_epoch=False, batch_size=labels.shape[0])
-
     def _dd2_steps(self) -> int:
         """Batches of phase 2 (DD2 updates) in the run: ``max_steps`` minus the GTS batches (0 when unknown)."""
         total = int(self.trainer.max_steps) if self._trainer is not None else -1
@@ -272,8 +251,6 @@ class DD2Task(StepIndexedData, L.LightningModule):
             s, eps = self._levels(shape, generator)
             loss = gts_loss(self.fake, labels, ids, codebook[drawn], log_probs, codebook, s, eps)
             self._update(fake_opt, loss, self.fake.parameters())
-            if cfg.continuous_warmup and cfg.generator_output == "continuous":
-                self._warm_continuous_head(gen_opt.optimizer, labels, noise, step)
             if self.generator_from_guidance and int(self.batches_seen) == cfg.gts_steps:  # GTS ends here
                 self._init_generator_from_guidance()
             self.log_dict({"train/loss": loss, "train/dd2_gts": loss}, prog_bar=True, on_step=True, on_epoch=False,
