@@ -317,7 +317,7 @@ def sid_generator_loss(q: torch.Tensor, s: torch.Tensor, eps: torch.Tensor,
 
 
 def frozen_fake_denoiser(fake: ARDenoiser, labels: torch.Tensor, ids: torch.Tensor, s: torch.Tensor,
-                         features: torch.Tensor | None = None, head_params: dict | None = None
+                         features: torch.Tensor | None = None
                          ) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
     """(x (B, L, d), teacher's D_T(x) or None) -> F(x, s | ids_<i): the guidance network's head at trunk features
     computed once, without a graph, from ``ids`` (or the given ``features``, detached here); differentiable in x (and
@@ -327,7 +327,7 @@ def frozen_fake_denoiser(fake: ARDenoiser, labels: torch.Tensor, ids: torch.Tens
         with torch.no_grad():
             features = fake.features(labels, ids)
     features = features.detach()
-    params = head_params or {name: p.detach() for name, p in fake.head.named_parameters()}
+    params = {name: p.detach() for name, p in fake.head.named_parameters()}
     return lambda x, base=None: functional_call(fake.head, params, (features, x, s, base))
 
 

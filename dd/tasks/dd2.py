@@ -74,7 +74,6 @@ class DD2Config:
     dd_weight: float = 0.0  # > 0: add DD's pair regression (needs data.pairs_dir) to the generator loss
     loss_form: str = "sid"  # generator loss: sid (SiD, Zhou et al. 2024) | dmd (gradient form, denoisers detached)
     sid_alpha: float = 1.2  # SiD's alpha (loss_form=sid)
-    guidance_ema: float = 0.0  # EXPERIMENT: > 0: the generator loss reads an EMA of the guidance head
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
@@ -198,21 +197,6 @@ class DD2Task(StepIndexedData, L.LightningModule):
         for group in optimizer.param_groups:
             group["lr"] = base_lr * factor
 
-    def _head_ema(self) -> dict | None:
-        if self.config.guidance_ema <= 0:
-            return None
-        if getattr(self, "_head_avg", None) is None:
-            self._head_avg = {n: p.detach().clone() for n, p in self.fake.head.named_parameters()}
-        return self._head_avg
-
-    @torch.no_grad()
-    def _update_head_ema(self) -> None:
-        if self.config.guidance_ema <= 0:
-            return
-        avg = self._head_ema()
-        for n, p in self.fake.head.named_parameters():
-            avg[n].lerp_(p.detach(), 1.0 - self.config.guidance_ema)
-
     def _dd2_steps(self) -> int:
         """Batches of phase 2 (DD2 updates) in the run: ``max_steps`` minus the GTS batches (0 when unknown)."""
         total = int(self.trainer.max_steps) if self._trainer is not None else -1
@@ -285,8 +269,7 @@ class DD2Task(StepIndexedData, L.LightningModule):
         features = self.fake.features(labels, sample.ids)
         if cfg.loss_form == "sid":  # gradient through x_s into both denoisers; the guidance network stays frozen
             terms = sid_generator_loss(sample.q, s, eps, teacher_denoiser_fn(s, log_probs, codebook),
-                                       frozen_fake_denoiser(self.fake, labels, sample.ids, s, features,
-                                                            self._head_ema()),
+                                       frozen_fake_denoiser(self.fake, labels, sample.ids, s, features),
                                        cfg.sid_alpha, cfg.normalize)
         else:
             with torch.no_grad():
@@ -308,7 +291,6 @@ class DD2Task(StepIndexedData, L.LightningModule):
             fake_loss = fake_score_loss(self.fake, labels, sample.ids, sample.q.detach(), s, eps,
                                         features if update == 0 else None, teacher_denoiser_fn(s, log_probs, codebook))
             self._update(fake_opt.optimizer, fake_loss, self.fake.parameters())  # raw: not a Lightning step
-            self._update_head_ema()
         self.log_dict({"train/loss": terms.loss.detach(), "train/dd2_fake": fake_loss.detach(),
                        "train/dd2_signal": terms.grad_norm, "train/teacher_nll": teacher_nll(log_probs, sample.ids)},
                       prog_bar=True, on_step=True, on_epoch=False, batch_size=labels.shape[0])
