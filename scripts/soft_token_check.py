@@ -91,7 +91,6 @@ def main() -> None:
     import torch
     from hydra.utils import instantiate
 
-    torch.manual_seed(0)
     spec = instantiate(_cfg("eval", [f"model={args.model}"])["model"], _convert_="all")
     family = spec.build_family()
     codebook = family.codebook().float()
