@@ -16,3 +16,9 @@ def decayed(progress: float, final_ratio: float = 0.0, shape: str = "cosine") ->
     progress = min(max(progress, 0.0), 1.0)
     fall = 0.5 * (1.0 + math.cos(math.pi * progress)) if shape == "cosine" else 1.0 - progress
     return final_ratio + (1.0 - final_ratio) * fall
+
+
+def check_final_ratio(value: float, key: str) -> None:
+    """Refuse a final learning-rate ratio outside [0, 1] (``key`` names the setting in the message)."""
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{key}={value} must be in [0, 1] (the final learning rate as a fraction of the base rate)")

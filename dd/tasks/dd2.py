@@ -32,7 +32,7 @@ from dd.distill.dd2 import (ARDenoiser, fake_score_loss, frozen_fake_denoiser, g
                             gts_loss, noised, regression_loss, sample_noise_levels, sid_generator_loss,
                             teacher_denoised_at, teacher_denoiser_fn, teacher_nll)
 from dd.distill.ema import EMA
-from dd.lr import decayed
+from dd.lr import check_final_ratio, decayed
 from dd.models.protocol import ARFamily
 from dd.runs import world_size
 from dd.sampling.choosers import inverse_cdf
@@ -95,8 +95,7 @@ class DD2Config:
                              "only spend time: set method.gts_steps=0")
         if self.lr_decay not in ("none", "cosine"):
             raise ValueError(f"method.lr_decay={self.lr_decay!r}: expected 'none' or 'cosine'")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"method.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        check_final_ratio(self.min_lr_ratio, "method.min_lr_ratio")
         if self.dd_weight < 0:
             raise ValueError(f"method.dd_weight={self.dd_weight} must be >= 0")
         if min(self.lr_generator, self.lr_fake) <= 0 or self.temperature <= 0:

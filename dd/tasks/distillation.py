@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dd.distill.ema import EMA
 from dd.distill.losses import LossConfig, dd_loss, sample_timesteps
-from dd.lr import DECAY_SHAPES, decayed
+from dd.lr import DECAY_SHAPES, check_final_ratio, decayed
 from dd.sampling.dd_samplers import fewstep_sample
 
 
@@ -30,8 +30,7 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if self.decay not in DECAY_SHAPES:  # refused when the task is built, before any training
             raise ValueError(f"optim.decay={self.decay!r}: expected one of {', '.join(DECAY_SHAPES)}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        check_final_ratio(self.min_lr_ratio, "optim.min_lr_ratio")
 
 
 def lr_lambda(config: OptimConfig, total_steps: int) -> Callable[[int], float]:
