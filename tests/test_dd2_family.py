@@ -180,3 +180,26 @@ def test_teacher_head_on_trunk_features_gives_the_teacher_logits(built) -> None:
     # and unguided, unfiltered teacher_log_probs is their log-softmax
     log_probs = family.teacher_log_probs(labels, ids, SamplingConfig(cfg_scale=0.0))
     assert (log_probs - logits.log_softmax(-1)).abs().max() < 1e-4
+
+
+def test_flow_map_of_teacher_forced_distributions_rebuilds_every_pair(built) -> None:
+    """A DD pair is a fixed point of teacher forcing: each token of ``generate_pair_batch`` is the flow map of its
+    own noise under the distribution teacher forcing gives for the pair's prefix. So the pair path (sequential,
+    KV-cached) and DD2's teacher scores (one parallel pass) see the same per-position distributions, and tokens
+    mapped from other prefixes do change."""
+    from dd.flow import FlowMapConfig, map_noise_to_tokens
+    from dd.pairs.generation import generate_pair_batch
+    from dd.sampling.seeds import per_sample_labels, per_sample_normal
+
+    spec, family = built
+    seeds = list(range(700, 700 + BATCH))
+    labels = per_sample_labels(seeds, family.num_classes)
+    flow = FlowMapConfig(num_steps=20)
+    pairs = generate_pair_batch(family, seeds, labels, spec.sampling, flow)
+    noise = per_sample_normal(seeds, (family.sequence_length, family.token_dim))
+    log_probs = family.teacher_log_probs(labels, pairs.indices, spec.sampling)
+    rebuilt = map_noise_to_tokens(noise, log_probs, family.codebook(), flow).indices
+    assert torch.equal(rebuilt, pairs.indices)
+    # the same noise under another sequence's prefixes gives other tokens (the check above can fail)
+    other = family.teacher_log_probs(labels, pairs.indices.roll(1, dims=0), spec.sampling)
+    assert not torch.equal(map_noise_to_tokens(noise, other, family.codebook(), flow).indices, pairs.indices)
