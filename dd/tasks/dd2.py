@@ -56,7 +56,6 @@ class DD2Config:
     temperature: float = 1.0
     straight_through: bool = False  # the generator's token is its sampled code (gradient of the soft token)
     gts_steps: int = 200
-    fake_warmup_steps: int = 0  # after GTS: batches that fit the guidance network to the generator's samples only
     fake_updates: int = 1
     lr_generator: float = 1e-4
     lr_fake: float = 1e-3
@@ -80,8 +79,8 @@ class DD2Config:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
         if self.generator_output not in ("logits", "continuous"):
             raise ValueError(f"method.generator_output={self.generator_output!r}: expected 'logits' or 'continuous'")
-        if self.gts_steps < 0 or self.fake_warmup_steps < 0 or self.fake_updates < 1:
-            raise ValueError("method.gts_steps and method.fake_warmup_steps must be >= 0 and method.fake_updates >= 1")
+        if self.gts_steps < 0 or self.fake_updates < 1:
+            raise ValueError("method.gts_steps must be >= 0 and method.fake_updates >= 1")
         if not 0.0 < self.s_min <= self.s_max <= 1.0:
             raise ValueError(f"method.s_min={self.s_min}, s_max={self.s_max}: need 0 < s_min <= s_max <= 1")
         if self.loss_form not in LOSS_FORMS:
@@ -198,13 +197,9 @@ class DD2Task(StepIndexedData, L.LightningModule):
             group["lr"] = base_lr * factor
 
     def _dd2_steps(self) -> int:
-        """Batches of phase 2 (DD2 updates) in the run: ``max_steps`` minus the GTS and guidance warm-up batches (0
-        when unknown)."""
+        """Batches of phase 2 (DD2 updates) in the run: ``max_steps`` minus the GTS batches (0 when unknown)."""
         total = int(self.trainer.max_steps) if self._trainer is not None else -1
-        return max(total - self._first_dd2_step(), 0)
-
-    def _first_dd2_step(self) -> int:
-        return self.config.gts_steps + self.config.fake_warmup_steps
+        return max(total - self.config.gts_steps, 0)
 
     def _levels(self, shape: tuple[int, ...], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         s = sample_noise_levels(shape, self.config.s_min, self.config.s_max, generator, self.device)
@@ -260,20 +255,7 @@ class DD2Task(StepIndexedData, L.LightningModule):
             self.log_dict({"train/loss": loss, "train/dd2_gts": loss}, prog_bar=True, on_step=True, on_epoch=False,
                           batch_size=labels.shape[0])
             return
-        if step < self._first_dd2_step():  # guidance warm-up: the generator's score, the generator fixed
-            self._schedule_lr(fake_opt.optimizer, cfg.lr_fake, step)
-            with torch.no_grad():
-                sample = self._sample(labels, noise)
-                log_probs = self.family.teacher_log_probs(labels, sample.ids, self.sampling) if self.fake.residual \
-                    else None
-            s, eps = self._levels(shape, generator)
-            base = teacher_denoiser_fn(s, log_probs, codebook) if log_probs is not None else None
-            loss = fake_score_loss(self.fake, labels, sample.ids, sample.q, s, eps, None, base)
-            self._update(fake_opt, loss, self.fake.parameters())
-            self.log_dict({"train/loss": loss, "train/dd2_fake": loss}, prog_bar=True, on_step=True, on_epoch=False,
-                          batch_size=labels.shape[0])
-            return
-        dd2_step = step - self._first_dd2_step()
+        dd2_step = step - cfg.gts_steps
         decay_steps = self._dd2_steps()
         self._schedule_lr(fake_opt.optimizer, cfg.lr_fake, dd2_step, decay_steps)
         self._schedule_lr(gen_opt.optimizer, cfg.lr_generator, dd2_step, decay_steps)
