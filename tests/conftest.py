@@ -38,6 +38,17 @@ needs_fmnist = pytest.mark.skipif(
 )
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``@pytest.mark.slow_for("var_test")``: the test's ``var_test`` instance is ``slow`` (run by ``-m slow``), its
+    other presets stay in the default suite. Runs before ``-m`` deselects anything."""
+    for item in items:
+        marker = item.get_closest_marker("slow_for")
+        callspec = getattr(item, "callspec", None)
+        if marker is not None and callspec is not None and callspec.params.get("preset") in marker.args:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Offline, and an empty per-test TORCH_HOME / HF_HOME: nothing is found in or written to a real cache."""

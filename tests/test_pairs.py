@@ -228,6 +228,7 @@ def _cli(out: Path, preset: str, shard_size: int = 16, batch_size: int = 16, *ex
     return [sys.executable, "-m", "dd.generate_pairs", *overrides, *extra]
 
 
+@pytest.mark.slow_for("var_test")  # subprocess runs; the gpt_test instance stays in the default suite
 def test_kill_and_restart_loses_and_duplicates_nothing(preset: str, reference_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "killed"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -252,6 +253,7 @@ def test_kill_and_restart_loses_and_duplicates_nothing(preset: str, reference_ru
     assert torch.equal(_all_indices(pairs), _all_indices(ref / "pairs"))
 
 
+@pytest.mark.slow_for("var_test")  # subprocess runs; the gpt_test instance stays in the default suite
 def test_two_cpu_ranks_write_the_same_pairs_as_one(preset: str, tmp_path: Path) -> None:
     env = dict(os.environ)
     one, two = tmp_path / "one", tmp_path / "two"

@@ -170,6 +170,7 @@ def _kill_after_a_checkpoint(command: list[str], out: Path, env: dict[str, str])
     return torch.load(last, weights_only=True)["global_step"]
 
 
+@pytest.mark.slow_for("var_test")  # subprocess runs; the gpt_test instance stays in the default suite
 def test_resume_after_kill_continues_exactly(preset: str, pairs_dir: Path, tmp_path: Path) -> None:
     """A run killed after a checkpoint and resumed (resume=auto) exports exactly what an uninterrupted run exports.
     The tiny models train at ~10 ms a step, so a run may reach its last step (or exit) within the 0.3 s before the
@@ -197,6 +198,7 @@ def test_resume_after_kill_continues_exactly(preset: str, pairs_dir: Path, tmp_p
             torch.testing.assert_close(state_b[name], state_a[name], atol=1e-6, rtol=1e-6, msg=name)
 
 
+@pytest.mark.slow_for("var_test")  # subprocess runs; the gpt_test instance stays in the default suite
 def test_ddp_two_cpu_ranks_trains(preset: str, pairs_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     result = subprocess.run(_cli(pairs_dir, out, preset, "trainer.devices=2", max_steps=6, val_every_steps=6),
