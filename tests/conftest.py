@@ -44,8 +44,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     other presets stay in the default suite. Runs before ``-m`` deselects anything."""
     for item in items:
         marker = item.get_closest_marker("slow_for")
-        callspec = getattr(item, "callspec", None)
-        if marker is not None and callspec is not None and callspec.params.get("preset") in marker.args:
+        if marker is None:
+            continue
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if "preset" not in params:  # the marker would silently do nothing
+            raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.slow_for needs a 'preset'-parametrised test")
+        if params["preset"] in marker.args:
             item.add_marker(pytest.mark.slow)
 
 
