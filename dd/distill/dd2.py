@@ -214,7 +214,8 @@ class GeneratorSample:
 
 
 def generator_sample(student: nn.Module, labels: torch.Tensor, noise: torch.Tensor, output: str = "logits",
-                     temperature: float = 1.0, straight_through: bool = False) -> GeneratorSample:
+                     temperature: float = 1.0, straight_through: bool = False,
+                     gumbel: torch.Tensor | None = None) -> GeneratorSample:
     """One forward of the DD student at t = 0 -> generated tokens (see the module docstring for ``output``).
 
     ``straight_through``: q's value is the code of ``ids`` (the token ``dd.eval`` samples, so the guidance network
@@ -224,8 +225,12 @@ def generator_sample(student: nn.Module, labels: torch.Tensor, noise: torch.Tens
     tokens, logits = student(noise, labels, t)
     codebook = student.codebook
     if output == "logits":
-        probs = torch.softmax(logits.float() / temperature, dim=-1)
-        soft, ids = probs @ codebook.float(), logits.argmax(-1)
+        if gumbel is not None:  # a categorical draw from softmax(logits) (Gumbel-max) and its relaxation
+            perturbed = logits.float() + gumbel
+            soft, ids = torch.softmax(perturbed / temperature, dim=-1) @ codebook.float(), perturbed.argmax(-1)
+        else:
+            probs = torch.softmax(logits.float() / temperature, dim=-1)
+            soft, ids = probs @ codebook.float(), logits.argmax(-1)
     elif output == "continuous":
         soft, ids = tokens.float(), student.nearest_indices(tokens.detach())
     else:

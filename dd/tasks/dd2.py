@@ -55,6 +55,7 @@ class DD2Config:
     generator_output: str = "logits"
     temperature: float = 1.0
     straight_through: bool = False  # the generator's token is its sampled code (gradient of the soft token)
+    gumbel: bool = False  # the generator's code is a draw from softmax(logits) (Gumbel-max), not the argmax
     gts_steps: int = 200
     fake_updates: int = 1
     lr_generator: float = 1e-4
@@ -206,9 +207,18 @@ class DD2Task(StepIndexedData, L.LightningModule):
         eps = torch.randn((*shape, self.family.token_dim), generator=generator).to(self.device)
         return s, eps
 
-    def _sample(self, labels: torch.Tensor, noise: torch.Tensor, model: torch.nn.Module | None = None):
+    def _sample(self, labels: torch.Tensor, noise: torch.Tensor, model: torch.nn.Module | None = None,
+                generator: torch.Generator | None = None):
+        gumbel = None
+        if self.config.gumbel:
+            if generator is None:
+                generator = torch.Generator().manual_seed(int(noise.flatten()[0].float().mul(1e6).round().item()) % 2**31)
+            shape = tuple(noise.shape[:2]) + (self.student.codebook.shape[0],)
+            u = torch.rand(shape, generator=generator, dtype=torch.float32).clamp_(1e-10, 1.0 - 1e-7)
+            gumbel = -torch.log(-torch.log(u)).to(noise.device)
         return generator_sample(model if model is not None else self.student, labels, noise,
-                                self.config.generator_output, self.config.temperature, self.config.straight_through)
+                                self.config.generator_output, self.config.temperature, self.config.straight_through,
+                                gumbel)
 
     def _update(self, optimizer: Any, loss: torch.Tensor, parameters: Any) -> None:
         parameters = list(parameters)
@@ -243,7 +253,7 @@ class DD2Task(StepIndexedData, L.LightningModule):
         if step < cfg.gts_steps:  # phase 1: guidance network <- analytic teacher denoiser
             self._schedule_lr(fake_opt.optimizer, cfg.lr_fake, step)
             with torch.no_grad():
-                ids = self._sample(labels, noise).ids
+                ids = self._sample(labels, noise, generator=generator).ids
                 log_probs = self.family.teacher_log_probs(labels, ids, self.sampling)
                 uniforms = 1.0 - torch.rand(ids.shape, generator=generator, dtype=torch.float64)
                 drawn = inverse_cdf(log_probs.exp(), uniforms)  # token i ~ p_i(. | generated prefix)
@@ -259,7 +269,7 @@ class DD2Task(StepIndexedData, L.LightningModule):
         decay_steps = self._dd2_steps()
         self._schedule_lr(fake_opt.optimizer, cfg.lr_fake, dd2_step, decay_steps)
         self._schedule_lr(gen_opt.optimizer, cfg.lr_generator, dd2_step, decay_steps)
-        sample = self._sample(labels, noise)
+        sample = self._sample(labels, noise, generator=generator)
         s, eps = self._levels(shape, generator)
         with torch.no_grad():
             log_probs = self.family.teacher_log_probs(labels, sample.ids, self.sampling)
