@@ -244,6 +244,69 @@ def test_straight_through_token_is_the_sampled_code_with_the_soft_tokens_gradien
     assert grads[0][0 if output == "logits" else 1].abs().sum() > 0  # the head the token comes from gets gradient
 
 
+# -- Gumbel code draws (method.code_draw=gumbel) --------------------------------------------------------------------
+def test_gumbel_codes_are_draws_from_the_generators_softmax_and_q_their_relaxation() -> None:
+    from dd.distill.dd2 import generator_sample, gumbel_noise
+
+    student = _ToyStudent(length=5, v=7, d=3, seed=0)
+    draws = 6000
+    labels, noise = torch.zeros(draws, dtype=torch.long), torch.zeros(draws, 5, 3)
+    gumbel = gumbel_noise((draws, 5, 7), torch.Generator().manual_seed(2), "cpu")
+    assert torch.isfinite(gumbel).all()
+    sample = generator_sample(student, labels, noise, "logits", temperature=0.7, gumbel=gumbel)
+    probs = torch.softmax(student.logits.detach(), -1)
+    frequencies = torch.nn.functional.one_hot(sample.ids, 7).float().mean(0)
+    assert (frequencies - probs).abs().max() < 0.03, (frequencies, probs)  # binomial std <= 0.0065 per cell
+    assert (sample.ids != student.logits.argmax(-1)).any()  # draws, not the argmax
+    relaxed = torch.softmax((student.logits.detach() + gumbel) / 0.7, -1) @ student.codebook
+    torch.testing.assert_close(sample.q, relaxed)
+    sharp = generator_sample(student, labels[:50], noise[:50], "logits", temperature=1e-3, gumbel=gumbel[:50])
+    top2 = (student.logits.detach() + gumbel[:50]).topk(2, dim=-1).values
+    clear = (top2[..., 0] - top2[..., 1]) > 0.05  # away from ties, the relaxation's limit is the drawn code
+    assert clear.float().mean() > 0.8
+    torch.testing.assert_close(sharp.q[clear], student.codebook[sharp.ids][clear])
+    sample.q.sum().backward()
+    assert student.logits.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="logits output"):
+        generator_sample(student, labels[:2], noise[:2], "continuous", gumbel=gumbel[:2])
+
+
+def test_gumbel_code_draw_trains_on_draws_validates_on_the_argmax_and_repeats_exactly(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dd.tasks.dd2 as task_module
+    from dd.runs import ConfigError
+    from dd.train import run as run_train
+
+    calls = []
+    original = task_module.generator_sample
+
+    def recording(student, labels, noise, output="logits", temperature=1.0, straight_through=False, gumbel=None):
+        sample = original(student, labels, noise, output, temperature, straight_through, gumbel)
+        calls.append((student.training, gumbel is not None, torch.equal(sample.ids, sample.logits.argmax(-1))))
+        return sample
+
+    monkeypatch.setattr(task_module, "generator_sample", recording)
+    exports = []
+    for run in ("a", "b"):
+        summary = run_train(compose_cfg("train", _dd2_overrides(tmp_path / run, "gpt_test",
+                                                                 **{"method.code_draw": "gumbel"})))
+        assert summary["global_step"] == 10
+        exports.append(_ema_and_raw(torch.load(summary["export"], weights_only=True), "gpt_test"))
+    training = [c for c in calls if c[0]]
+    validation = [c for c in calls if not c[0]]
+    assert len(training) == 20 and all(gumbel for _, gumbel, _ in training)  # GTS and DD2 batches, both runs
+    assert not all(argmax for _, _, argmax in training)  # the codes are draws
+    assert validation and all(not gumbel and argmax for _, gumbel, argmax in validation)  # as dd.eval samples
+    for state_a, state_b in zip(*exports):
+        for name in state_a:
+            assert torch.equal(state_a[name], state_b[name]), name
+    with pytest.raises(ConfigError, match="code_draw"):
+        run_train(compose_cfg("train", _dd2_overrides(tmp_path / "bad", "gpt_test", **{"method.code_draw": "sample"})))
+    with pytest.raises(ConfigError, match="generator_output=logits"):
+        run_train(compose_cfg("train", _dd2_overrides(tmp_path / "bad", "gpt_test", **{
+            "method.code_draw": "gumbel", "method.generator_output": "continuous"})))
+
+
 # -- method.lr_decay ------------------------------------------------------------------------------------------------
 def test_cosine_decay_falls_from_the_base_rate_to_the_floor_after_warm_up() -> None:
     import math

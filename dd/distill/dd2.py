@@ -15,7 +15,9 @@ Three networks:
 * the *generator* G: the family's DD student at t = 0 (noise in, every token out in one forward). Its output token
   q_i is ``softmax(logits_i / tau) @ codebook`` (``output="logits"``: the sample is the argmax code, which is what
   ``dd.eval sampler=fewstep schedule=onestep`` takes when ``split_t`` covers the sequence) or the continuous head
-  (``output="continuous"``: evaluate with ``schedule.split_t=0``).
+  (``output="continuous"``: evaluate with ``schedule.split_t=0``). With Gumbel noise G (``method.code_draw=gumbel``)
+  the code of a training step is instead a categorical draw, ``argmax(logits_i + G_i)`` ~ softmax(logits_i), and q_i
+  its relaxation ``softmax((logits_i + G_i) / tau) @ codebook``; evaluation still takes the argmax.
 * the *guidance* (fake score) network F: an "AR-diffusion" model, the teacher's trunk (features of position i from
   the tokens before it) with its logits head replaced by an MLP denoiser head ``F(features_i, x_s, s) -> q``; or, in
   the residual form (``method.guidance=residual``), the analytic teacher denoiser plus a learned correction,
@@ -213,6 +215,14 @@ class GeneratorSample:
     logits: torch.Tensor
 
 
+def gumbel_noise(shape: tuple[int, ...], generator: torch.Generator, device: torch.device | str) -> torch.Tensor:
+    """Standard Gumbel noise -log(-log u), float32, drawn on ``device`` with ``generator`` (a generator of that
+    device); u is kept inside (0, 1) so the noise is finite."""
+    u = torch.rand(shape, generator=generator, device=device, dtype=torch.float32)
+    tiny = torch.finfo(torch.float32).tiny
+    return -torch.log(-torch.log(u.clamp_(min=tiny, max=1.0 - 2.0 ** -24)))
+
+
 def generator_sample(student: nn.Module, labels: torch.Tensor, noise: torch.Tensor, output: str = "logits",
                      temperature: float = 1.0, straight_through: bool = False,
                      gumbel: torch.Tensor | None = None) -> GeneratorSample:
@@ -220,7 +230,9 @@ def generator_sample(student: nn.Module, labels: torch.Tensor, noise: torch.Tens
 
     ``straight_through``: q's value is the code of ``ids`` (the token ``dd.eval`` samples, so the guidance network
     and the teacher denoiser see exactly the generator's sampled distribution), its gradient the soft token's
-    (``hard + soft - sg(soft)``)."""
+    (``hard + soft - sg(soft)``). ``gumbel`` (B, L, V), logits output only: the codes are ``argmax(logits +
+    gumbel)`` (categorical draws from softmax(logits) for standard Gumbel noise) and q their Gumbel-softmax
+    relaxation at ``temperature``."""
     t = torch.zeros(labels.shape[0], dtype=torch.long, device=labels.device)
     tokens, logits = student(noise, labels, t)
     codebook = student.codebook
@@ -232,6 +244,8 @@ def generator_sample(student: nn.Module, labels: torch.Tensor, noise: torch.Tens
             probs = torch.softmax(logits.float() / temperature, dim=-1)
             soft, ids = probs @ codebook.float(), logits.argmax(-1)
     elif output == "continuous":
+        if gumbel is not None:
+            raise ValueError("Gumbel draws need the logits output (the continuous head has no distribution)")
         soft, ids = tokens.float(), student.nearest_indices(tokens.detach())
     else:
         raise ValueError(f"dd2 generator output={output!r}: expected 'logits' or 'continuous'")

@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 
 from dd.checkpoint import load_entries
 from dd.distill.dd2 import (ARDenoiser, fake_score_loss, frozen_fake_denoiser, generator_loss, generator_sample,
-                            gts_loss, noised, regression_loss, sample_noise_levels, sid_generator_loss,
+                            gts_loss, gumbel_noise, noised, regression_loss, sample_noise_levels, sid_generator_loss,
                             teacher_denoised_at, teacher_denoiser_fn, teacher_nll)
 from dd.distill.ema import EMA
 from dd.lr import check_final_ratio, decayed
@@ -47,6 +47,9 @@ LOSS_FORMS = ("dmd", "sid")
 #: method.guidance values (dd.distill.dd2.ARDenoiser: residual=False / True)
 GUIDANCE_FORMS = ("direct", "residual")
 
+#: method.code_draw values (dd.distill.dd2.generator_sample: gumbel=None / Gumbel noise)
+CODE_DRAWS = ("argmax", "gumbel")
+
 
 @dataclass(frozen=True)
 class DD2Config:
@@ -55,7 +58,7 @@ class DD2Config:
     generator_output: str = "logits"
     temperature: float = 1.0
     straight_through: bool = False  # the generator's token is its sampled code (gradient of the soft token)
-    gumbel: bool = False  # the generator's code is a draw from softmax(logits) (Gumbel-max), not the argmax
+    code_draw: str = "argmax"  # argmax | gumbel: the training codes are draws from softmax(logits) (Gumbel-max)
     gts_steps: int = 200
     fake_updates: int = 1
     lr_generator: float = 1e-4
@@ -80,6 +83,11 @@ class DD2Config:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
         if self.generator_output not in ("logits", "continuous"):
             raise ValueError(f"method.generator_output={self.generator_output!r}: expected 'logits' or 'continuous'")
+        if self.code_draw not in CODE_DRAWS:
+            raise ValueError(f"method.code_draw={self.code_draw!r}: expected one of {', '.join(CODE_DRAWS)}")
+        if self.code_draw == "gumbel" and self.generator_output != "logits":
+            raise ValueError("method.code_draw=gumbel draws the generator's codes from its logits head: it needs "
+                             f"method.generator_output=logits (got {self.generator_output!r})")
         if self.gts_steps < 0 or self.fake_updates < 1:
             raise ValueError("method.gts_steps must be >= 0 and method.fake_updates >= 1")
         if not 0.0 < self.s_min <= self.s_max <= 1.0:
@@ -209,13 +217,15 @@ class DD2Task(StepIndexedData, L.LightningModule):
 
     def _sample(self, labels: torch.Tensor, noise: torch.Tensor, model: torch.nn.Module | None = None,
                 generator: torch.Generator | None = None):
+        """The generator's tokens for a batch. Training passes the step's ``generator``: with ``code_draw=gumbel``
+        the codes are then categorical draws (Gumbel noise on the batch's device from a seed of ``generator``, so a
+        resumed run draws the same); without it (validation) the codes are the argmax, as ``dd.eval`` samples."""
         gumbel = None
-        if self.config.gumbel:
-            if generator is None:
-                generator = torch.Generator().manual_seed(int(noise.flatten()[0].float().mul(1e6).round().item()) % 2**31)
+        if self.config.code_draw == "gumbel" and generator is not None:
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+            device_generator = torch.Generator(device=noise.device).manual_seed(seed)
             shape = tuple(noise.shape[:2]) + (self.student.codebook.shape[0],)
-            u = torch.rand(shape, generator=generator, dtype=torch.float32).clamp_(1e-10, 1.0 - 1e-7)
-            gumbel = -torch.log(-torch.log(u)).to(noise.device)
+            gumbel = gumbel_noise(shape, device_generator, noise.device)
         return generator_sample(model if model is not None else self.student, labels, noise,
                                 self.config.generator_output, self.config.temperature, self.config.straight_through,
                                 gumbel)
