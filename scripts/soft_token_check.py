@@ -11,9 +11,12 @@ seed_base 100000):
 * the teacher's NLL of the argmax sequence and of the nearest-code sequence (each under its own prefix),
 
 and with ``--fid`` the demo's 1-step proxy FID / precision / recall twice: sampling the argmax (what ``dd.eval``
-does) and the code nearest to q (this script swaps the student's ``final_sequence`` for that run only).
+does) and the code nearest to q (this script swaps the student's ``final_sequence`` for that run only); with
+``--drawn TAU`` (repeatable) also with every code drawn from ``softmax(logits / TAU)`` (seeded: the same draws on
+every run; docs/dd2_study.md, tenth session).
 
     python scripts/soft_token_check.py outputs/dd2/gpt_tiny/<row>/train/export/student_ema.pt [more exports] [--fid]
+    python scripts/soft_token_check.py <export> --fid --drawn 1.0 --drawn 0.5
 """
 
 from __future__ import annotations
@@ -55,7 +58,10 @@ def _statistics(spec, family, export: str, samples: int) -> dict:
             "teacher_nll_argmax": nll["argmax"], "teacher_nll_nearest": nll["nearest"]}
 
 
-def _fid(model: str, export: str, out: Path, nearest: bool, split: int, student_class: type) -> dict:
+def _fid(model: str, export: str, out: Path, mode: str, split: int, student_class: type,
+         tau: float = 1.0) -> dict:
+    """``mode``: argmax (dd.eval's own sampling), nearest (the code nearest to q) or drawn (codes drawn from
+    softmax(logits / tau) with a generator seeded once per call: the evaluation's batches come in a fixed order)."""
     import torch
 
     from dd.eval import run as run_eval
@@ -66,12 +72,19 @@ def _fid(model: str, export: str, out: Path, nearest: bool, split: int, student_
                         "schedule.t_list=[0]", f"schedule.split_t={split}", f"student.checkpoint={export}"])
     original = student_class.final_sequence
 
+    draws = torch.Generator().manual_seed(0)
+
     def nearest_to_soft_token(self, tokens, logits, split):
         q = torch.softmax(logits.float(), dim=-1) @ self.codebook
         return self.codebook[nearest_code_indices(q, self.codebook)]
 
-    if nearest:
-        student_class.final_sequence = nearest_to_soft_token
+    def drawn_from_softmax(self, tokens, logits, split):
+        probs = torch.softmax(logits.float() / tau, dim=-1).cpu()
+        ids = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=draws).reshape(probs.shape[:-1])
+        return self.codebook[ids.to(self.codebook.device)]
+
+    if mode != "argmax":
+        student_class.final_sequence = nearest_to_soft_token if mode == "nearest" else drawn_from_softmax
     try:
         metrics = run_eval(cfg)["metrics"]
     finally:
@@ -85,6 +98,8 @@ def main() -> None:
     parser.add_argument("--model", default="gpt_tiny")
     parser.add_argument("--samples", type=int, default=256, help="sequences for the token statistics")
     parser.add_argument("--fid", action="store_true", help="also the 1-step proxy FID with argmax and nearest codes")
+    parser.add_argument("--drawn", type=float, action="append", default=[], metavar="TAU",
+                        help="with --fid: also the FID with the codes drawn from softmax(logits / TAU); repeatable")
     parser.add_argument("--out", default="outputs/soft_token_check", help="evaluation folders (--fid)")
     args = parser.parse_args()
 
@@ -101,10 +116,12 @@ def main() -> None:
     for index, export in enumerate(args.exports):
         row = {"export": export} | {k: round(v, 4) for k, v in _statistics(spec, family, export, args.samples).items()}
         if args.fid:
-            for mode in ("argmax", "nearest"):
+            modes = [("argmax", 1.0), ("nearest", 1.0)] + [("drawn", tau) for tau in args.drawn]
+            for mode, tau in modes:
+                name = f"drawn_tau{tau:g}" if mode == "drawn" else mode
                 # split_t = the whole sequence: every token from the logits head, as the demo's 1-step row
-                row[f"fid_{mode}"] = _fid(args.model, export, Path(args.out) / f"{index}_{mode}", mode == "nearest",
-                                          spec.num_timesteps, student_class)
+                row[f"fid_{name}"] = _fid(args.model, export, Path(args.out) / f"{index}_{name}", mode,
+                                          spec.num_timesteps, student_class, tau)
         print(json.dumps(row))
 
 
