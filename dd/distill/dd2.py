@@ -237,12 +237,9 @@ def generator_sample(student: nn.Module, labels: torch.Tensor, noise: torch.Tens
     tokens, logits = student(noise, labels, t)
     codebook = student.codebook
     if output == "logits":
-        if gumbel is not None:  # a categorical draw from softmax(logits) (Gumbel-max) and its relaxation
-            perturbed = logits.float() + gumbel
-            soft, ids = torch.softmax(perturbed / temperature, dim=-1) @ codebook.float(), perturbed.argmax(-1)
-        else:
-            probs = torch.softmax(logits.float() / temperature, dim=-1)
-            soft, ids = probs @ codebook.float(), logits.argmax(-1)
+        # with Gumbel noise: a categorical draw from softmax(logits) (Gumbel-max) and its relaxation
+        scores = logits.float() if gumbel is None else logits.float() + gumbel
+        soft, ids = torch.softmax(scores / temperature, dim=-1) @ codebook.float(), scores.argmax(-1)
     elif output == "continuous":
         if gumbel is not None:
             raise ValueError("Gumbel draws need the logits output (the continuous head has no distribution)")
