@@ -38,9 +38,24 @@ def _pairs_seconds(run: Path) -> float:
     return float(match.group(1)) if match else 0.0
 
 
-def run_points(run: Path) -> list[tuple[int, float, float]]:
-    """(step, pairs + training seconds, 1-step FID) per snapshot of a demo model folder."""
+def _curve_rows(run: Path) -> list[dict]:
+    results = run / "results.json"
+    return json.loads(results.read_text()).get("curve") or [] if results.is_file() else []
+
+
+def run_points(run: Path) -> list[tuple[str, float, float]]:
+    """(step, pairs + training seconds, 1-step FID) per snapshot of a demo model folder: the curve its results.json
+    records (a --method dd+dd2 run's DD snapshots, then its DD2 ones, seconds counted from the start of DD), or for
+    runs made before the demo recorded it, its snapshots and their evaluation folders."""
     pairs_s = _pairs_seconds(run)
+    points = []
+    for row in _curve_rows(run):
+        one_step = [m for name, m in row["metrics"].items() if name.endswith("1-step") and m.get("fid") is not None]
+        if one_step:
+            step = f"{row['phase']} {row['step']}" if "phase" in row else str(row["step"])
+            points.append((step, pairs_s + float(row["train_s"]), float(one_step[0]["fid"])))
+    if points:
+        return points
     final = [f for f in sorted((run / "eval").glob("dd*_1-step")) if f.is_dir()]
     points = []
     for sidecar in sorted((run / "train" / "export" / "snapshots").glob("student_ema_step*.pt.json")):
@@ -50,7 +65,7 @@ def run_points(run: Path) -> list[tuple[int, float, float]]:
         if fid is None and final:
             fid = _fid(final[0])  # the last snapshot is the final export, evaluated as the run's own 1-step row
         if fid is not None:
-            points.append((step, pairs_s + float(info["train_s"]), float(fid)))
+            points.append((str(step), pairs_s + float(info["train_s"]), float(fid)))
     if not points:
         raise SystemExit(f"{run}: no evaluated snapshots (run scripts/demo.py with --curve-points)")
     return points

@@ -5,6 +5,7 @@
     python scripts/demo.py --profile long        # more pairs and steps (README: <= 60 minutes on 2 cores)
     python scripts/demo.py --pairs 30000 --steps 6000 --out outputs/demo_custom    # explicit sizes win over a profile
     python scripts/demo.py --method dd2          # DD2 (conditional score distillation, no pairs): outputs/demo_dd2
+    python scripts/demo.py --method dd+dd2       # DD, then DD2 fine-tunes its student: outputs/demo_dd_dd2
     python scripts/demo.py --jobs 1              # families one after the other (default: one process per family,
                                                  # up to the CPU count, each with its share of the cores)
 
@@ -50,16 +51,32 @@ DD2_PROFILES = {"default": {"gpt_tiny": {"pairs": 0, "steps": 3000, "batch": 8},
                             "var_tiny": {"pairs": 0, "steps": 1500, "batch": 8}},
                 "long": {"gpt_tiny": {"pairs": 0, "steps": 16000, "batch": 8},
                          "var_tiny": {"pairs": 0, "steps": 5000, "batch": 8}}}
+#: DD then DD2 (--method dd+dd2): DD's pairs and a DD run of ``steps``, then ``dd2_steps`` DD2 steps of ``dd2_batch``
+#: fine-tuning its EMA student (DD2_FINETUNE). var_tiny: DD 300 + DD2 300 steps take the CPU time of the DD demo's
+#: 400 DD steps and reach 18.01 / 18.67 against DD's 21.62 (docs/dd2_study.md, eleventh session). gpt_tiny: DD2
+#: fine-tuning dips first on this teacher (a short one loses to DD at equal time), so its profile keeps DD's whole
+#: run and adds 2000 DD2 steps (~350 s more): FID kept (13.80 -> 13.22), recall 0.223 -> 0.334 (tenth session). The
+#: long profile's sizes follow the same rule and were not measured.
+DD_DD2_PROFILES = {"default": {"gpt_tiny": {"pairs": 10000, "steps": 800, "batch": 64, "dd2_steps": 2000, "dd2_batch": 8},
+                               "var_tiny": {"pairs": 5000, "steps": 300, "batch": 64, "dd2_steps": 300, "dd2_batch": 8}},
+                   "long": {"gpt_tiny": {"pairs": 20000, "steps": 3000, "batch": 64, "dd2_steps": 2000, "dd2_batch": 8},
+                            "var_tiny": {"pairs": 20000, "steps": 1100, "batch": 64, "dd2_steps": 300, "dd2_batch": 8}}}
+#: the DD2 fine-tuning of a DD student (README "DD2"): the guidance network starts as the teacher's denoiser (no GTS),
+#: the training codes are drawn from the student's softmax
+DD2_FINETUNE = ["method=dd2", "method.guidance=residual", "method.gts_steps=0", "method.code_draw=gumbel"]
 FALLBACK_SIZES = {"pairs": 10000, "steps": 800, "batch": 64}  # presets without a profile entry
+FALLBACK_DD2_SIZES = {"dd2_steps": 300, "dd2_batch": 8}  # --method dd+dd2 on presets without a profile entry
 #: points of the quality-against-training-time curve per profile (EMA snapshots evaluated at 1 and 2 steps)
 CURVE_POINTS = {"default": 0, "long": 6}
 
 
 def _sizes(args: argparse.Namespace, model: str) -> argparse.Namespace:
     """The profile's sizes for ``model``; --pairs / --steps / --batch given on the command line win."""
-    profiles = DD2_PROFILES if getattr(args, "method", "dd") == "dd2" else PROFILES
-    sizes = profiles[args.profile].get(model, FALLBACK_SIZES)
-    return argparse.Namespace(**{key: getattr(args, key) if getattr(args, key) is not None else value
+    method = getattr(args, "method", "dd")
+    profiles = {"dd2": DD2_PROFILES, "dd+dd2": DD_DD2_PROFILES}.get(method, PROFILES)
+    fallback = {**FALLBACK_SIZES, **FALLBACK_DD2_SIZES} if method == "dd+dd2" else FALLBACK_SIZES
+    sizes = profiles[args.profile].get(model, fallback)
+    return argparse.Namespace(**{key: getattr(args, key, None) if getattr(args, key, None) is not None else value
                                  for key, value in sizes.items()})
 
 
@@ -124,97 +141,140 @@ def _curve_points(args: argparse.Namespace) -> int:
 
 
 def _student_runs(method: str, export: Path) -> dict[str, list[str]]:
-    """The student rows of a method: DD at 1 and 2 steps; DD2 (a one-step generator) at 1 step, every token from
-    the head it was trained on (the schedule its export records)."""
-    if method == "dd2":
+    """The student rows of one trained export: DD at 1 and 2 steps; a DD2 generator (``method`` dd2, or the DD2
+    phase of dd+dd2) at 1 step, every token from the head it was trained on (the schedule its export records)."""
+    if method in ("dd2", "dd+dd2"):
         schedule = json.loads(Path(str(export) + ".json").read_text())["schedule"]
-        return {"DD2 1-step": ["sampler=fewstep", "schedule.t_list=[0]", f"schedule.split_t={schedule['split_t']}"]}
+        name = "DD2 1-step" if method == "dd2" else "DD+DD2 1-step"
+        return {name: ["sampler=fewstep", "schedule.t_list=[0]", f"schedule.split_t={schedule['split_t']}"]}
     return {"DD 1-step": ["sampler=fewstep", "schedule=onestep"], "DD 2-step": ["sampler=fewstep"]}
 
 
-def _quality_curve(model: str, out: Path, export: Path, args: argparse.Namespace, teacher_fid: float | None,
-                   final: dict[str, dict], final_step: int, teacher_steps: int) -> tuple[str, list[dict]]:
-    """Evaluate every training snapshot with the method's student rows (the final one is the run's own rows); the
-    curve PNG, a markdown table and the rows."""
+def _phases(method: str, exports: list[Path], offsets: list[float]) -> list[dict]:
+    """The trained phases of a run, in order: their export, training seconds before them, student rows and the
+    folder prefix of their curve evaluations (dd+dd2: the DD student at 1 step, then the DD2 fine-tuning)."""
+    if method == "dd+dd2":
+        dd = {"DD 1-step": _student_runs("dd", exports[0])["DD 1-step"]}
+        return [{"export": exports[0], "offset_s": offsets[0], "runs": dd, "prefix": ""},
+                {"export": exports[1], "offset_s": offsets[1], "runs": _student_runs(method, exports[1]),
+                 "prefix": "dd2_"}]
+    return [{"export": exports[0], "offset_s": offsets[0], "runs": _student_runs(method, exports[0]), "prefix": ""}]
+
+
+def _quality_curve(model: str, out: Path, phases: list[dict], args: argparse.Namespace, teacher_fid: float | None,
+                   final: dict[str, dict], teacher_steps: int) -> tuple[str, list[dict]]:
+    """Evaluate every training snapshot of every phase with that phase's student rows (a phase's last snapshot is
+    its final export, already evaluated in ``final``); the curve PNG, a markdown table and the rows. A row's
+    ``train_s`` counts the training seconds of the phases before it."""
     from dd.tasks.curves import plot_lines
     from dd.tasks.snapshots import list_snapshots
 
     rows = []
-    names = list(_student_runs(args.method, export))
-    for snapshot in list_snapshots(export.parent):
-        info = json.loads(Path(str(snapshot) + ".json").read_text())
-        step = int(info["global_step"])
-        metrics = {}
-        for name, extra in _student_runs(args.method, snapshot).items():
-            if step == final_step and name in final:
-                metrics[name] = final[name]["metrics"]  # the last snapshot is the final export: already evaluated
-            else:
-                folder = f"curve/step{step}_{name.split(' ')[-1]}"
-                metrics[name] = _evaluate(model, out, snapshot, folder, args.samples, extra)["metrics"]
-        rows.append({"step": step, "train_s": float(info["train_s"]), "metrics": metrics})
-    lines = {n: [(r["train_s"], r["metrics"][n]["fid"]) for r in rows if r["metrics"][n].get("fid") is not None]
-             for n in names}
+    names = [name for phase in phases for name in phase["runs"]]
+    for phase in phases:
+        final_step = int(json.loads(Path(str(phase["export"]) + ".json").read_text())["global_step"])
+        for snapshot in list_snapshots(phase["export"].parent):
+            info = json.loads(Path(str(snapshot) + ".json").read_text())
+            step = int(info["global_step"])
+            metrics = {}
+            for name, extra in phase["runs"].items():
+                if step == final_step and name in final:
+                    metrics[name] = final[name]["metrics"]
+                else:
+                    folder = f"curve/{phase['prefix']}step{step}_{name.split(' ')[-1]}"
+                    metrics[name] = _evaluate(model, out, snapshot, folder, args.samples, extra)["metrics"]
+            rows.append({"step": step, "phase": phase["prefix"].rstrip("_") or args.method.split("+")[0],
+                         "train_s": phase["offset_s"] + float(info["train_s"]), "metrics": metrics})
+    lines = {n: [(r["train_s"], r["metrics"][n]["fid"]) for r in rows
+                 if n in r["metrics"] and r["metrics"][n].get("fid") is not None] for n in names}
     if teacher_fid is not None and rows:
         lines[f"teacher ({teacher_steps} steps)"] = [(rows[0]["train_s"], teacher_fid), (rows[-1]["train_s"], teacher_fid)]
     plot_lines(lines, out / "quality_curve.png", f"{model}: proxy FID of EMA snapshots", "training seconds")
-    table = ["| step | training s | " + " | ".join(f"{n} FID | {n} recall" for n in names) + " |",
-             "|---|---|" + "---|---|" * len(names)]
+    table = ["| phase | step | training s | " + " | ".join(f"{n} FID | {n} recall" for n in names) + " |",
+             "|---|---|---|" + "---|---|" * len(names)]
     for r in rows:
-        cells = " | ".join(f"{r['metrics'][n].get('fid', float('nan')):.2f} | {r['metrics'][n].get('recall', float('nan')):.3f}"
+        cells = " | ".join(f"{r['metrics'][n].get('fid', float('nan')):.2f} | "
+                           f"{r['metrics'][n].get('recall', float('nan')):.3f}" if n in r["metrics"] else " | "
                            for n in names)
-        table.append(f"| {r['step']} | {r['train_s']:.0f} | {cells} |")
+        table.append(f"| {r['phase']} | {r['step']} | {r['train_s']:.0f} | {cells} |")
     return "\n".join(table), rows
 
 
-def run_model(model: str, args: argparse.Namespace, out: Path) -> str:
-    """pairs -> training -> evaluation of one preset; returns its results table and timing as markdown."""
-    from dd.generate_pairs import run as run_pairs
+def _train(model: str, method: str, out: Path, size: argparse.Namespace, steps: int, batch: int,
+           points: int, overrides: list[str]) -> Path:
+    """One dd.train run of the demo; returns its EMA export."""
     from dd.train import run as run_train
+
+    snapshot = [f"snapshot_every={max(steps // points, 1)}"] if points > 0 else []
+    summary = run_train(_cfg("train", [f"model={model}", f"method={method}",
+                                       f"data.pairs_dir={out.parent / 'pairs' / 'pairs'}",
+                                       f"output_dir={out}", f"max_steps={steps}",
+                                       f"batch_size={batch}", f"val_every_steps={max(steps // 4, 1)}",
+                                       f"ckpt_every={max(steps // 2, 1)}", *snapshot, *overrides]))
+    return Path(summary["export"])
+
+
+def run_model(model: str, args: argparse.Namespace, out: Path) -> str:
+    """pairs -> training (dd+dd2: DD, then DD2 from its student) -> evaluation of one preset; returns its results
+    table and timing as markdown."""
+    from dd.generate_pairs import run as run_pairs
 
     size = _sizes(args, model)
     points = _curve_points(args)
-    snapshot = [f"snapshot_every={max(size.steps // points, 1)}"] if points > 0 else []
     clock = {"start": time.perf_counter()}
-    if args.method == "dd":  # DD2 needs no pairs
+    if args.method != "dd2":  # DD2 needs no pairs
         run_pairs(_cfg("generate_pairs", [f"model={model}", f"num_pairs={size.pairs}", f"output_dir={out / 'pairs'}"]))
     clock["pairs"] = time.perf_counter()
-    summary = run_train(_cfg("train", [f"model={model}", f"method={args.method}",
-                                       f"data.pairs_dir={out / 'pairs' / 'pairs'}",
-                                       f"output_dir={out / 'train'}", f"max_steps={size.steps}",
-                                       f"batch_size={size.batch}", f"val_every_steps={max(size.steps // 4, 1)}",
-                                       f"ckpt_every={max(size.steps // 2, 1)}", *snapshot, *args.train_overrides]))
+    first = "dd" if args.method == "dd+dd2" else args.method
+    exports = [_train(model, first, out / "train", size, size.steps, size.batch, points, args.train_overrides)]
     clock["train"] = time.perf_counter()
-    export = Path(summary["export"])
-    runs = {"teacher": ["sampler=teacher"], **_student_runs(args.method, export)}
+    offsets = [0.0]
+    if args.method == "dd+dd2":
+        offsets.append(float(json.loads(Path(str(exports[0]) + ".json").read_text())["train_s"]))
+        exports.append(_train(model, "dd2", out / "train_dd2", size, size.dd2_steps, size.dd2_batch, points,
+                              [*DD2_FINETUNE[1:], f"method.generator_init={exports[0]}", *args.dd2_overrides]))
+    clock["train_dd2"] = time.perf_counter()
+    phases = _phases(args.method, exports, offsets)
+    runs = {"teacher": ["sampler=teacher"]}
+    exported = {"teacher": exports[-1]}
+    for phase in phases:
+        runs.update(phase["runs"])
+        exported.update({name: phase["export"] for name in phase["runs"]})
     if args.method == "dd":
         start = _teacher_start(model, args.teacher_start)
         runs[f"teacher-involved s={start}"] = ["sampler=teacher_involved", f"teacher_start_t={start}"]
+        exported[f"teacher-involved s={start}"] = exports[0]
     results = {}
     for name, extra in runs.items():
-        folder = name.split(" ")[0].lower() + "_" + name.split(" ")[-1].replace("=", "")
-        results[name] = (folder, _evaluate(model, out, export, folder, args.samples, extra))
+        folder = name.split(" ")[0].lower().replace("+", "_") + "_" + name.split(" ")[-1].replace("=", "")
+        results[name] = (folder, _evaluate(model, out, exported[name], folder, args.samples, extra))
     clock["eval"] = time.perf_counter()
     curve, curve_rows = "", []
     if points > 0:
         teacher_fid = results["teacher"][1]["metrics"].get("fid")
-        curve_table, curve_rows = _quality_curve(model, out, export, args, teacher_fid, {n: p for n, (_, p) in results.items()},
-                                     size.steps, results["teacher"][1]["steps"])
+        curve_table, curve_rows = _quality_curve(model, out, phases, args, teacher_fid,
+                                                 {n: p for n, (_, p) in results.items()}, results["teacher"][1]["steps"])
         clock["curve"] = time.perf_counter()
         curve = (f"quality against training time (EMA snapshots; {clock['curve'] - clock['eval']:.0f} s to "
                  f"evaluate): ![](quality_curve.png)\n\n{curve_table}\n\n")
     lines = ["| sampler | #Step | FID (classifier features) | IS | precision | recall | label accuracy | ms / image |",
              "|---|---|---|---|---|---|---|---|"]
     lines += [_row(name, payload) for name, (_, payload) in results.items()]
-    pairs = f"pairs {clock['pairs'] - clock['start']:.0f} s ({size.pairs} pairs)" if args.method == "dd" else "no pairs"
-    timing = (f"method {args.method}, profile {args.profile}: {pairs}, training "
-              f"{clock['train'] - clock['pairs']:.0f} s ({size.steps} steps of {size.batch}), evaluation "
-              f"{clock['eval'] - clock['train']:.0f} s ({args.samples} samples per sampler); total "
+    pairs = f"pairs {clock['pairs'] - clock['start']:.0f} s ({size.pairs} pairs)" if args.method != "dd2" else "no pairs"
+    training = f"training {clock['train'] - clock['pairs']:.0f} s ({size.steps} steps of {size.batch})"
+    if args.method == "dd+dd2":
+        training = (f"DD {training}, DD2 fine-tuning {clock['train_dd2'] - clock['train']:.0f} s ({size.dd2_steps} "
+                    f"steps of {size.dd2_batch})")
+    timing = (f"method {args.method}, profile {args.profile}: {pairs}, {training}, evaluation "
+              f"{clock['eval'] - clock['train_dd2']:.0f} s ({args.samples} samples per sampler); total "
               f"{clock['eval'] - clock['start']:.0f} s")
     table = "\n".join(lines)
     curves = "training curves (loss terms, held-out token accuracy per t): ![](train/logs/curves.png)"
     (out / "results.md").write_text(table + "\n\n" + timing + "\n\n" + curve + curves + "\n\n![](comparison.png)\n")
-    seconds = {"pairs_s": clock["pairs"] - clock["start"], "train_s": clock["train"] - clock["pairs"],
-               "eval_s": clock["eval"] - clock["train"]}
+    seconds = {"pairs_s": clock["pairs"] - clock["start"], "train_s": clock["train_dd2"] - clock["pairs"],
+               "eval_s": clock["eval"] - clock["train_dd2"]}
+    if args.method == "dd+dd2":
+        seconds.update(dd_train_s=clock["train"] - clock["pairs"], dd2_train_s=clock["train_dd2"] - clock["train"])
     (out / "results.json").write_text(json.dumps({**{n: p for n, (_, p) in results.items()}, "method": args.method,
                                                   "seconds": seconds, "curve": curve_rows}, indent=2, default=str))
     grid = _comparison(out, [(name, folder) for name, (folder, _) in results.items()])
@@ -234,9 +294,15 @@ def main() -> None:
     parser.add_argument("--train-override", dest="train_overrides", action="append", default=[],
                         help="extra dd.train override, repeatable (e.g. --train-override optim.lr=1e-3)")
     parser.add_argument("--samples", type=int, default=1000)
-    parser.add_argument("--method", choices=("dd", "dd2"), default="dd",
+    parser.add_argument("--method", choices=("dd", "dd2", "dd+dd2"), default="dd",
                         help="dd: pairs + pair regression (1-step, 2-step, teacher-involved rows); dd2: conditional "
-                             "score distillation, no pairs (1-step row); sizes from the profile (DD2_PROFILES)")
+                             "score distillation, no pairs (1-step row; sizes: DD2_PROFILES); dd+dd2: DD, then DD2 "
+                             "fine-tunes its student (DD 1-step and DD+DD2 1-step rows; sizes: DD_DD2_PROFILES)")
+    parser.add_argument("--dd2-steps", type=int, default=None,
+                        help="--method dd+dd2: DD2 fine-tuning steps (default: the profile's)")
+    parser.add_argument("--dd2-override", dest="dd2_overrides", action="append", default=[],
+                        help="--method dd+dd2: extra dd.train override of the DD2 phase, repeatable "
+                             "(--train-override: the DD phase)")
     parser.add_argument("--curve-points", type=int, default=None,
                         help="EMA snapshots evaluated at 1 and 2 steps for quality_curve.png (default: the profile's: "
                              "default 0, long 6)")
@@ -252,7 +318,9 @@ def main() -> None:
                              "per sample)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one family of a --jobs run
     args = parser.parse_args()
-    suffix = "" if args.method == "dd" else f"_{args.method}"
+    if args.method != "dd+dd2" and (args.dd2_steps is not None or args.dd2_overrides):
+        parser.error("--dd2-steps and --dd2-override are for --method dd+dd2 (the DD2 phase after DD)")
+    suffix = "" if args.method == "dd" else "_" + args.method.replace("+", "_")
     args.out = args.out or (f"outputs/demo{suffix}" if args.profile == "default" else f"outputs/demo{suffix}_{args.profile}")
     out = Path(args.out)
     models = [model.strip() for model in args.models.split(",") if model.strip()]
@@ -284,11 +352,14 @@ def _worker_command(model: str, args: argparse.Namespace, threads: int) -> list[
                "--profile", args.profile, "--samples", str(args.samples), "--method", args.method,
                "--out", str(args.out), "--threads", str(threads)]
     for flag, value in (("--pairs", args.pairs), ("--steps", args.steps), ("--batch", args.batch),
+                        ("--dd2-steps", getattr(args, "dd2_steps", None)),
                         ("--curve-points", args.curve_points), ("--teacher-start", args.teacher_start)):
         if value is not None:
             command += [flag, str(value)]
     for override in args.train_overrides:
         command += ["--train-override", override]
+    for override in getattr(args, "dd2_overrides", []):
+        command += ["--dd2-override", override]
     return command
 
 
