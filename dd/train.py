@@ -6,6 +6,7 @@ LlamaGen-DD layout at the end (``<output_dir>/export/student_ema.pt``).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -112,6 +113,48 @@ def _sample_grids(cfg: dict[str, Any], family: Any, val: Any):
                               num_images=int(cfg.get("sample_grid_images", 8)))
 
 
+#: settings that decide what a run trains: resume=auto refuses to continue a checkpoint written with others
+#: (``max_steps`` may change: a run can be extended; logging, validation and checkpoint intervals may too)
+RUN_DEFINING = ("model", "method", "schedule", "loss", "optim", "data", "seed", "batch_size",
+                "accumulate_grad_batches", "grad_clip", "ema_decay", "student_init", "trainer.devices",
+                "trainer.num_nodes")
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
+
+
+def check_resume_settings(cfg: dict[str, Any], out: Path) -> None:
+    """resume=auto over an existing checkpoint: the run's saved settings (``<out>/config.json``) must match the new
+    ones in everything that decides what is trained (:data:`RUN_DEFINING`), or the checkpoint would silently be
+    continued with another recipe. A changed ``max_steps`` is allowed (extending a run) and logged."""
+    saved_path = out / "config.json"
+    if cfg["resume"] != "auto" or not (out / "checkpoints" / "last.ckpt").is_file() or not saved_path.is_file():
+        return
+    try:
+        saved = _flat(json.loads(saved_path.read_text()))
+    except ValueError:
+        log.warning("%s is not valid JSON: resuming without checking the run's settings", saved_path)
+        return
+    new = _flat(json.loads(json.dumps(cfg, sort_keys=True, default=str)))
+    missing = "<unset>"
+    changed = [f"{key}: {saved.get(key, missing)} -> {new.get(key, missing)}" for key in sorted(set(saved) | set(new))
+               if any(key == root or key.startswith(root + ".") for root in RUN_DEFINING)
+               and saved.get(key, missing) != new.get(key, missing)]
+    if changed:
+        shown = "; ".join(changed[:6]) + (f"; and {len(changed) - 6} more" if len(changed) > 6 else "")
+        raise ConfigError(f"{out / 'checkpoints' / 'last.ckpt'} belongs to a run with other settings ({shown}), so "
+                          "resume=auto would continue it with a different recipe. Start that folder over with "
+                          "resume=never (its checkpoints are replaced), pick another output_dir, or drop the changed "
+                          "settings to continue the run")
+    if saved.get("max_steps") != new.get("max_steps"):
+        log.warning("resuming %s with max_steps=%s instead of the run's %s: learning-rate schedules that span "
+                    "max_steps change from the checkpoint on", out / "checkpoints" / "last.ckpt", new.get("max_steps"),
+                    saved.get("max_steps"))
+
+
 def _resume_path(cfg: dict[str, Any], ckpt_dir: Path) -> str | None:
     if cfg["resume"] == "never":
         return None
@@ -138,6 +181,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     spec = instantiate(cfg["model"], _convert_="all")
     _validate(cfg, spec)
     out = Path(cfg["output_dir"])
+    check_resume_settings(cfg, out)  # before anything is built, and before this run's settings replace the saved ones
     L.seed_everything(int(cfg["seed"]), workers=True, verbose=False)  # no "Seed set" line before an error line
     family = spec.build_family()
     teacher_sha = state_dict_sha256(family.teacher)  # hashed once: pair checks and every export

@@ -231,3 +231,31 @@ def test_compiled_student_trains(pairs_dir: Path, tmp_path: Path) -> None:
                                                               ckpt_every=3, compile="true")))
     assert summary["global_step"] == 3
     assert all(torch.isfinite(torch.tensor(v)) for k, v in summary["metrics"].items() if k.startswith("train/"))
+
+
+def test_resume_auto_refuses_a_checkpoint_of_other_settings_and_keeps_it(preset: str, pairs_dir: Path,
+                                                                          tmp_path: Path,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """resume=auto over a run trained with another recipe (here another learning rate and batch size) is refused
+    before anything is built, naming the changed settings and the fixes; the checkpoint and the saved settings stay as
+    they were. The same recipe with a larger max_steps continues the run (extending it is allowed, and logged)."""
+    out = tmp_path / "run"
+    run_train(compose_cfg("train", _train_overrides(pairs_dir, out, model=preset, max_steps=4, ckpt_every=2,
+                                                    val_every_steps=4)))
+    last, saved = out / "checkpoints" / "last.ckpt", out / "config.json"
+    before = (last.read_bytes(), saved.read_text())
+    changed = _train_overrides(pairs_dir, out, model=preset, max_steps=4, ckpt_every=2, val_every_steps=4,
+                               batch_size=8, **{"optim.lr": 1e-4})
+    with pytest.raises(ConfigError) as refused:
+        run_train(compose_cfg("train", changed))
+    message = str(refused.value)
+    assert "batch_size: 16 -> 8" in message and "optim.lr:" in message and "-> 0.0001" in message
+    assert "resume=never" in message and "output_dir" in message
+    assert (last.read_bytes(), saved.read_text()) == before
+    with caplog.at_level("WARNING", logger="dd.train"):
+        summary = run_train(compose_cfg("train", _train_overrides(pairs_dir, out, model=preset, max_steps=6,
+                                                                   ckpt_every=2, val_every_steps=3)))
+    assert summary["global_step"] == 6
+    assert any("max_steps=6 instead of the run's 4" in record.getMessage() for record in caplog.records)
+    fresh = run_train(compose_cfg("train", changed + ["resume=never"]))  # the documented way to start over
+    assert fresh["global_step"] == 4 and json.loads(saved.read_text())["batch_size"] == 8
