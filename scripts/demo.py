@@ -56,8 +56,9 @@ DD2_PROFILES = {"default": {"gpt_tiny": {"pairs": 0, "steps": 3000, "batch": 8},
 #: demo's 400 DD steps and reach 16.42 / 16.60 / 17.05 in three runs against DD's 21.62; most of DD2's gain comes in
 #: its first 100 steps (docs/dd2_study.md, eleventh session). gpt_tiny: DD2 fine-tuning first dips on this teacher (a
 #: short one loses to DD at equal time), so its profile keeps DD's whole run and adds 2000 DD2 steps (~350 s more):
-#: FID kept (13.80 -> 13.22), recall 0.223 -> 0.334 (tenth session). The long profile's sizes follow the same rule
-#: and were not measured.
+#: FID kept (13.80 -> 13.22), recall 0.223 -> 0.334 (tenth session). Long: var_tiny DD 1100 + DD2 100 steps reach
+#: 14.79 where DD's long profile (1200 steps) reaches 17.20 (README); gpt_tiny's long entry follows the same rule and
+#: was not measured.
 DD_DD2_PROFILES = {"default": {"gpt_tiny": {"pairs": 10000, "steps": 800, "batch": 64, "dd2_steps": 2000, "dd2_batch": 8},
                                "var_tiny": {"pairs": 5000, "steps": 300, "batch": 64, "dd2_steps": 100, "dd2_batch": 8}},
                    "long": {"gpt_tiny": {"pairs": 20000, "steps": 3000, "batch": 64, "dd2_steps": 2000, "dd2_batch": 8},
