@@ -53,7 +53,7 @@ DD2_PROFILES = {"default": {"gpt_tiny": {"pairs": 0, "steps": 3000, "batch": 8},
                          "var_tiny": {"pairs": 0, "steps": 5000, "batch": 8}}}
 #: DD then DD2 (--method dd+dd2): DD's pairs and a DD run of ``steps``, then ``dd2_steps`` DD2 steps of ``dd2_batch``
 #: fine-tuning its EMA student (DD2_FINETUNE). var_tiny: DD 300 + DD2 100 steps take ~90% of the CPU time of the DD
-#: demo's 400 DD steps and reach 16.42 / 16.60 / 17.05 in three runs against DD's 21.62; most of DD2's gain comes in
+#: demo's 400 DD steps and reach 16.42 / 16.60 / 17.05 / 18.03 in four runs (DD: 21.62 / 21.65); most of DD2's gain is in
 #: its first 100 steps (docs/dd2_study.md, eleventh session). gpt_tiny: DD2 fine-tuning first dips on this teacher (a
 #: short one loses to DD at equal time), so its profile keeps DD's whole run and adds 2000 DD2 steps (~350 s more):
 #: FID kept (13.80 -> 13.22), recall 0.223 -> 0.334 (tenth session). Long: var_tiny DD 1100 + DD2 100 steps reach
