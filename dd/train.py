@@ -120,38 +120,41 @@ RUN_DEFINING = ("model", "method", "schedule", "loss", "optim", "data", "seed", 
                 "trainer.num_nodes")
 
 
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
-    return {prefix[:-1]: tree}
+def _run_defining(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The :data:`RUN_DEFINING` settings of a (resolved or saved) config, by dotted name."""
+    picked = {}
+    for name in RUN_DEFINING:
+        value: Any = cfg
+        for part in name.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        picked[name] = value
+    return picked
 
 
 def check_resume_settings(cfg: dict[str, Any], out: Path) -> None:
     """resume=auto over an existing checkpoint: the run's saved settings (``<out>/config.json``) must match the new
     ones in everything that decides what is trained (:data:`RUN_DEFINING`), or the checkpoint would silently be
     continued with another recipe. A changed ``max_steps`` is allowed (extending a run) and logged."""
+    from dd.evaluation.resume import differences
+
     saved_path = out / "config.json"
     if cfg["resume"] != "auto" or not (out / "checkpoints" / "last.ckpt").is_file() or not saved_path.is_file():
         return
     try:
-        saved = _flat(json.loads(saved_path.read_text()))
+        saved = json.loads(saved_path.read_text())
     except ValueError:
         log.warning("%s is not valid JSON: resuming without checking the run's settings", saved_path)
         return
-    new = _flat(json.loads(json.dumps(cfg, sort_keys=True, default=str)))
-    missing = "<unset>"
-    changed = [f"{key}: {saved.get(key, missing)} -> {new.get(key, missing)}" for key in sorted(set(saved) | set(new))
-               if any(key == root or key.startswith(root + ".") for root in RUN_DEFINING)
-               and saved.get(key, missing) != new.get(key, missing)]
+    changed = differences(_run_defining(saved), _run_defining(cfg))
     if changed:
         shown = "; ".join(changed[:6]) + (f"; and {len(changed) - 6} more" if len(changed) > 6 else "")
         raise ConfigError(f"{out / 'checkpoints' / 'last.ckpt'} belongs to a run with other settings ({shown}), so "
                           "resume=auto would continue it with a different recipe. Start that folder over with "
                           "resume=never (its checkpoints are replaced), pick another output_dir, or drop the changed "
                           "settings to continue the run")
-    if saved.get("max_steps") != new.get("max_steps"):
+    if saved.get("max_steps") != cfg["max_steps"]:
         log.warning("resuming %s with max_steps=%s instead of the run's %s: learning-rate schedules that span "
-                    "max_steps change from the checkpoint on", out / "checkpoints" / "last.ckpt", new.get("max_steps"),
+                    "max_steps change from the checkpoint on", out / "checkpoints" / "last.ckpt", cfg["max_steps"],
                     saved.get("max_steps"))
 
 

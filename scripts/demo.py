@@ -202,8 +202,7 @@ def _quality_curve(model: str, out: Path, phases: list[dict], args: argparse.Nam
     return "\n".join(table), rows
 
 
-def _train(model: str, method: str, out: Path, size: argparse.Namespace, steps: int, batch: int,
-           points: int, overrides: list[str]) -> Path:
+def _train(model: str, method: str, out: Path, steps: int, batch: int, points: int, overrides: list[str]) -> Path:
     """One dd.train run of the demo; returns its EMA export."""
     from dd.train import run as run_train
 
@@ -228,12 +227,12 @@ def run_model(model: str, args: argparse.Namespace, out: Path) -> str:
         run_pairs(_cfg("generate_pairs", [f"model={model}", f"num_pairs={size.pairs}", f"output_dir={out / 'pairs'}"]))
     clock["pairs"] = time.perf_counter()
     first = "dd" if args.method == "dd+dd2" else args.method
-    exports = [_train(model, first, out / "train", size, size.steps, size.batch, points, args.train_overrides)]
+    exports = [_train(model, first, out / "train", size.steps, size.batch, points, args.train_overrides)]
     clock["train"] = time.perf_counter()
     offsets = [0.0]
     if args.method == "dd+dd2":
         offsets.append(float(json.loads(Path(str(exports[0]) + ".json").read_text())["train_s"]))
-        exports.append(_train(model, "dd2", out / "train_dd2", size, size.dd2_steps, size.dd2_batch, points,
+        exports.append(_train(model, "dd2", out / "train_dd2", size.dd2_steps, size.dd2_batch, points,
                               [*DD2_FINETUNE[1:], f"method.generator_init={exports[0]}", *args.dd2_overrides]))
     clock["train_dd2"] = time.perf_counter()
     phases = _phases(args.method, exports, offsets)
