@@ -53,12 +53,12 @@ DD2_PROFILES = {"default": {"gpt_tiny": {"pairs": 0, "steps": 3000, "batch": 8},
                          "var_tiny": {"pairs": 0, "steps": 5000, "batch": 8}}}
 #: DD then DD2 (--method dd+dd2): DD's pairs and a DD run of ``steps``, then ``dd2_steps`` DD2 steps of ``dd2_batch``
 #: fine-tuning its EMA student (DD2_FINETUNE). var_tiny: DD 300 + DD2 100 steps take ~90% of the CPU time of the DD
-#: demo's 400 DD steps and reach 16.42 / 16.60 / 17.05 / 18.03 in four runs (DD: 21.62 / 21.65); most of DD2's gain is in
-#: its first 100 steps (docs/dd2_study.md, eleventh session). gpt_tiny: DD2 fine-tuning first dips on this teacher (a
-#: short one loses to DD at equal time), so its profile keeps DD's whole run and adds 2000 DD2 steps (~350 s more):
-#: FID kept (13.80 -> 13.22), recall 0.223 -> 0.334 (tenth session). Long: var_tiny DD 1100 + DD2 100 steps reach
-#: 14.79 where DD's long profile (1200 steps) reaches 17.20 (README); gpt_tiny's long entry follows the same rule and
-#: was not measured.
+#: demo's 400 DD steps and reach 16.42 / 16.60 / 17.05 / 18.03 / 17.92 / 16.96 in six runs, mean 1.55x the teacher
+#: (DD: 21.62 / 21.65); most of DD2's gain is in its first 100 steps (docs/dd2_study.md, eleventh session).
+#: gpt_tiny: DD2 fine-tuning first dips on this teacher (a short one loses to DD at equal time), so its profile keeps
+#: DD's whole run and adds 2000 DD2 steps (~350 s more): FID kept (13.80 -> 13.22), recall 0.223 -> 0.334 (tenth
+#: session). Long: var_tiny DD 1100 + DD2 100 steps reach 14.79 where DD's long profile (1200 steps) reaches 17.20
+#: (README); gpt_tiny's long entry follows the same rule and was not measured.
 DD_DD2_PROFILES = {"default": {"gpt_tiny": {"pairs": 10000, "steps": 800, "batch": 64, "dd2_steps": 2000, "dd2_batch": 8},
                                "var_tiny": {"pairs": 5000, "steps": 300, "batch": 64, "dd2_steps": 100, "dd2_batch": 8}},
                    "long": {"gpt_tiny": {"pairs": 20000, "steps": 3000, "batch": 64, "dd2_steps": 2000, "dd2_batch": 8},
