@@ -74,3 +74,40 @@ def test_t_probs_weights_the_timesteps(pairs_dir: Path, tmp_path: Path) -> None:
         LossConfig(t_probs=[0.0, 0.0])
     with pytest.raises(ConfigError, match="t_probs"):
         _train(pairs_dir, tmp_path / "bad", "loss.t_probs=[1,2,3]")
+
+
+def test_training_draws_timesteps_with_the_t0_weight(pairs_dir: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import dd.tasks.distillation as distillation
+
+    seen: list[tuple] = []
+
+    def recording(t_list, batch, generator=None, probs=None):
+        seen.append((tuple(t_list), probs))
+        return sample_timesteps(t_list, batch, generator, probs)
+
+    monkeypatch.setattr(distillation, "sample_timesteps", recording)
+    _train(pairs_dir, tmp_path / "run", "schedule.t_list=[0,4,8]", "loss.t0_weight=2.5", "val_every_steps=8")
+    assert len(seen) == 8 and set(seen) == {((0, 4, 8), (2.5, 1.0, 1.0))}
+
+
+def test_t0_weight_adapts_to_the_t_list_and_yields_to_t_probs() -> None:
+    """``loss.t0_weight`` weights t = 0 against 1 for every other t of whatever t_list the run uses; explicit
+    ``t_probs`` win; a weight of 1 is the uniform draw; gpt_tiny's preset sets 3, the other presets leave it at 1."""
+    config = LossConfig(t0_weight=3)
+    assert config.timestep_weights([0, 48]) == (3.0, 1.0)
+    assert config.timestep_weights([0, 24, 48]) == (3.0, 1.0, 1.0)
+    assert config.timestep_weights([8]) is None  # no t = 0 in the list: nothing to weight
+    assert LossConfig().timestep_weights([0, 48]) is None
+    assert LossConfig(t0_weight=3, t_probs=[1, 0]).timestep_weights([0, 48]) == (1.0, 0.0)
+    with pytest.raises(ValueError, match="one weight per t"):
+        LossConfig(t0_weight=3, t_probs=[1, 0]).timestep_weights([0, 24, 48])
+    for bad in (0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="t0_weight"):
+            LossConfig(t0_weight=bad)
+    weights = LossConfig(t0_weight=3).timestep_weights([0, 48])
+    counts = torch.bincount(sample_timesteps([0, 48], 4000, torch.Generator().manual_seed(1), probs=weights) // 48)
+    assert abs(counts[0].item() / 4000 - 0.75) < 0.03
+    assert compose_cfg("train", ["model=gpt_tiny"])["loss"]["t0_weight"] == 3.0
+    assert compose_cfg("train", ["model=var_tiny"])["loss"]["t0_weight"] == 1.0
+    assert compose_cfg("train", ["model=gpt_tiny", "loss.t0_weight=1"])["loss"]["t0_weight"] == 1.0

@@ -30,13 +30,18 @@ class LossConfig:
     mse_weight: float = 1.0
     perceptual_weight: float = 0.0
     split_t: int = 0
-    t_probs: tuple[float, ...] | None = None  # relative probability of each t in t_list (None: uniform)
+    t_probs: tuple[float, ...] | None = None  # relative probability of each t in t_list (None: see t0_weight)
+    t0_weight: float = 1.0  # without t_probs: t = 0 (pure noise, the one-step branch) drawn this many times as
+                            # often as each other t of t_list (1: uniform); adapts to any t_list
 
     def __post_init__(self) -> None:
         if min(self.ce_weight, self.mse_weight, self.perceptual_weight) < 0:
             raise ValueError("loss weights must be >= 0")
         if self.ce_weight + self.mse_weight + self.perceptual_weight == 0:
             raise ValueError("at least one loss weight must be > 0")
+        if not float(self.t0_weight) > 0:
+            raise ValueError(f"loss.t0_weight={self.t0_weight} must be > 0 (use loss.t_probs to leave out t = 0)")
+        object.__setattr__(self, "t0_weight", float(self.t0_weight))
         if self.t_probs is not None:
             object.__setattr__(self, "t_probs", tuple(float(p) for p in self.t_probs))
             if min(self.t_probs, default=-1.0) < 0 or sum(self.t_probs) <= 0:
@@ -46,6 +51,15 @@ class LossConfig:
         """``t_probs`` needs one weight per timestep of ``t_list``."""
         if self.t_probs is not None and len(self.t_probs) != len(t_list):
             raise ValueError(f"loss.t_probs={list(self.t_probs)} needs one weight per t in t_list={list(t_list)}")
+
+    def timestep_weights(self, t_list: Sequence[int]) -> tuple[float, ...] | None:
+        """Relative probability of each t in ``t_list``: ``t_probs`` when given, else ``t0_weight`` for t = 0 and 1
+        for every other t; None (uniform) when that is all ones."""
+        self.check_t_list(t_list)
+        if self.t_probs is not None:
+            return self.t_probs
+        weights = tuple(self.t0_weight if int(t) == 0 else 1.0 for t in t_list)
+        return None if all(w == 1.0 for w in weights) else weights
 
 
 @dataclass(frozen=True)

@@ -145,7 +145,7 @@ class DistillationTask(StepIndexedData, L.LightningModule):
         # at the end of this step records that this batch was consumed
         self.batches_seen += 1
         t = sample_timesteps(self.t_list, batch["label"].shape[0], generator,
-                             self.loss_config.t_probs).to(self.device)
+                             self.loss_config.timestep_weights(self.t_list)).to(self.device)
         terms = self._loss(batch, t, self._student_for_training())
         self.log_dict({"train/loss": terms.total, "train/ce": terms.ce, "train/mse": terms.mse,
                        "train/perceptual": terms.perceptual, "train/token_acc": terms.token_acc},
