@@ -102,7 +102,7 @@ def test_t0_weight_adapts_to_the_t_list_and_yields_to_t_probs() -> None:
     assert LossConfig(t0_weight=3, t_probs=[1, 0]).timestep_weights([0, 48]) == (1.0, 0.0)
     with pytest.raises(ValueError, match="one weight per t"):
         LossConfig(t0_weight=3, t_probs=[1, 0]).timestep_weights([0, 24, 48])
-    for bad in (0, -1.0, float("nan")):
+    for bad in (0, -1.0, float("nan"), None, "three"):
         with pytest.raises(ValueError, match="t0_weight"):
             LossConfig(t0_weight=bad)
     weights = LossConfig(t0_weight=3).timestep_weights([0, 48])
@@ -111,3 +111,10 @@ def test_t0_weight_adapts_to_the_t_list_and_yields_to_t_probs() -> None:
     assert compose_cfg("train", ["model=gpt_tiny"])["loss"]["t0_weight"] == 3.0
     assert compose_cfg("train", ["model=var_tiny"])["loss"]["t0_weight"] == 1.0
     assert compose_cfg("train", ["model=gpt_tiny", "loss.t0_weight=1"])["loss"]["t0_weight"] == 1.0
+
+
+
+def test_a_bad_t0_weight_is_a_config_error_naming_it(pairs_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"t0_weight=0 must be a number > 0"):
+        _train(pairs_dir, tmp_path / "bad", "loss.t0_weight=0")
+    assert not (tmp_path / "bad" / "checkpoints").exists()

@@ -39,9 +39,14 @@ class LossConfig:
             raise ValueError("loss weights must be >= 0")
         if self.ce_weight + self.mse_weight + self.perceptual_weight == 0:
             raise ValueError("at least one loss weight must be > 0")
-        if not float(self.t0_weight) > 0:
-            raise ValueError(f"loss.t0_weight={self.t0_weight} must be > 0 (use loss.t_probs to leave out t = 0)")
-        object.__setattr__(self, "t0_weight", float(self.t0_weight))
+        try:
+            t0_weight = float(self.t0_weight)
+        except (TypeError, ValueError):
+            t0_weight = float("nan")
+        if not t0_weight > 0:
+            raise ValueError(f"loss.t0_weight={self.t0_weight!r} must be a number > 0 (1: uniform draws; use "
+                             "loss.t_probs to leave out t = 0)")
+        object.__setattr__(self, "t0_weight", t0_weight)
         if self.t_probs is not None:
             object.__setattr__(self, "t_probs", tuple(float(p) for p in self.t_probs))
             if min(self.t_probs, default=-1.0) < 0 or sum(self.t_probs) <= 0:
