@@ -93,7 +93,7 @@ def test_training_draws_timesteps_with_the_t0_weight(pairs_dir: Path, tmp_path: 
 
 def test_t0_weight_adapts_to_the_t_list_and_yields_to_t_probs() -> None:
     """``loss.t0_weight`` weights t = 0 against 1 for every other t of whatever t_list the run uses; explicit
-    ``t_probs`` win; a weight of 1 is the uniform draw; gpt_tiny's preset sets 3, the other presets leave it at 1."""
+    ``t_probs`` win; a weight of 1 is the uniform draw; gpt_tiny's preset sets 6, the other presets leave it at 1."""
     config = LossConfig(t0_weight=3)
     assert config.timestep_weights([0, 48]) == (3.0, 1.0)
     assert config.timestep_weights([0, 24, 48]) == (3.0, 1.0, 1.0)
@@ -108,7 +108,7 @@ def test_t0_weight_adapts_to_the_t_list_and_yields_to_t_probs() -> None:
     weights = LossConfig(t0_weight=3).timestep_weights([0, 48])
     counts = torch.bincount(sample_timesteps([0, 48], 4000, torch.Generator().manual_seed(1), probs=weights) // 48)
     assert abs(counts[0].item() / 4000 - 0.75) < 0.03
-    assert compose_cfg("train", ["model=gpt_tiny"])["loss"]["t0_weight"] == 3.0
+    assert compose_cfg("train", ["model=gpt_tiny"])["loss"]["t0_weight"] == 6.0
     assert compose_cfg("train", ["model=var_tiny"])["loss"]["t0_weight"] == 1.0
     assert compose_cfg("train", ["model=gpt_tiny", "loss.t0_weight=1"])["loss"]["t0_weight"] == 1.0
 
