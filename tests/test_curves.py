@@ -113,7 +113,6 @@ def test_t0_weight_adapts_to_the_t_list_and_yields_to_t_probs() -> None:
     assert compose_cfg("train", ["model=gpt_tiny", "loss.t0_weight=1"])["loss"]["t0_weight"] == 1.0
 
 
-
 def test_a_bad_t0_weight_is_a_config_error_naming_it(pairs_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"t0_weight=0 must be a number > 0"):
         _train(pairs_dir, tmp_path / "bad", "loss.t0_weight=0")

@@ -122,7 +122,7 @@ class DistillationTask(StepIndexedData, L.LightningModule):
         self.student = student
         self.ema = EMA(student, ema_decay)
         self.t_list = tuple(int(t) for t in t_list)
-        loss.check_t_list(self.t_list)
+        self.t_weights = loss.timestep_weights(self.t_list)  # checks t_probs against t_list; None: uniform
         self.loss_config, self.optim_config = loss, optim
         self.total_steps = total_steps
         self.train_data, self.val_data = train_data, val_data
@@ -145,7 +145,7 @@ class DistillationTask(StepIndexedData, L.LightningModule):
         # at the end of this step records that this batch was consumed
         self.batches_seen += 1
         t = sample_timesteps(self.t_list, batch["label"].shape[0], generator,
-                             self.loss_config.timestep_weights(self.t_list)).to(self.device)
+                             self.t_weights).to(self.device)
         terms = self._loss(batch, t, self._student_for_training())
         self.log_dict({"train/loss": terms.total, "train/ce": terms.ce, "train/mse": terms.mse,
                        "train/perceptual": terms.perceptual, "train/token_acc": terms.token_acc},
