@@ -57,6 +57,11 @@ def _validate(cfg: dict[str, Any], spec: Any) -> None:
             dd2_config(cfg["method"])
         except (TypeError, ValueError) as err:
             raise ConfigError(f"method=dd2: {err}") from err
+        precision = str(cfg["trainer"].get("precision", "32-true"))
+        if precision.startswith("16") or precision == "half":
+            raise ConfigError(f"method=dd2 with trainer.precision={precision}: DD2 steps its two optimisers itself, "
+                              "outside fp16's loss scaling (gradients would be clipped while still scaled, and an "
+                              "overflow would reach Adam). Use trainer.precision=bf16-mixed (hardware=gpu) or 32-true")
         if int(cfg.get("accumulate_grad_batches", 1)) != 1:
             raise ConfigError(f"method=dd2 updates its two networks itself once per batch, so "
                               f"accumulate_grad_batches={cfg['accumulate_grad_batches']} cannot apply: set "

@@ -192,7 +192,28 @@ def test_dd2_settings_are_checked_before_training(tmp_path: Path) -> None:
         run_train(compose_cfg("train", _dd2_overrides(tmp_path, "gpt_test", **{"method.generator_output": "probs"})))
     with pytest.raises(ConfigError, match="s_min"):
         run_train(compose_cfg("train", _dd2_overrides(tmp_path, "gpt_test", **{"method.s_min": 0})))
+    with pytest.raises(ConfigError, match="bf16-mixed"):
+        run_train(compose_cfg("train", _dd2_overrides(tmp_path, "gpt_test", **{"trainer.precision": "16-mixed"})))
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_dd2_and_dd_runs_of_a_model_write_to_different_folders() -> None:
+    """Without an output_dir, `dd.train method=dd2` writes beside the model's DD run, never into it (resume=auto
+    would refuse the DD checkpoint, and resume=never would replace the DD export a DD2 fine-tuning starts from)."""
+    dd, dd2 = (compose_cfg("train", ["model=gpt_tiny", *extra]) for extra in ([], ["method=dd2"]))
+    assert dd["output_dir"] == "outputs/train/gpt_tiny" and dd2["output_dir"] == "outputs/train/gpt_tiny_dd2"
+    assert compose_cfg("train", ["model=var_tiny", "method=dd2"])["run_name"] == "var_tiny_dd2"
+
+
+def test_dd2_draws_fresh_noise_for_every_step_on_every_rank(tmp_path: Path) -> None:
+    """The default noise pool covers max_steps batches of every rank, so a DDP run never replays (label, noise)."""
+    from dd.tasks.dd2 import build_dd2_task
+
+    for devices in (1, 2):
+        cfg = compose_cfg("train", _dd2_overrides(tmp_path, "gpt_test", max_steps=30, **{"trainer.devices": devices}))
+        spec = build_spec(cfg)
+        task = build_dd2_task(cfg, spec, spec.build_family())
+        assert len(task.train_data) == 8 * devices * 30
 
 
 @pytest.mark.slow  # subprocess runs, ~30 s: DD's own resume test (tests/test_train.py) covers the mechanism by default

@@ -244,6 +244,21 @@ def test_straight_through_token_is_the_sampled_code_with_the_soft_tokens_gradien
     assert grads[0][0 if output == "logits" else 1].abs().sum() > 0  # the head the token comes from gets gradient
 
 
+def test_soft_token_stays_float32_under_bf16_autocast() -> None:
+    """Under ``trainer.precision=bf16-mixed`` the soft token q = softmax(logits) @ codebook is still computed in
+    float32: DD2's generator moves q by small steps, and a bf16 matmul would round them away (~0.4% per entry)."""
+    from dd.distill.dd2 import generator_sample
+
+    student = _ToyStudent(length=5, v=7, d=3, seed=0)
+    labels, noise = torch.zeros(2, dtype=torch.long), torch.zeros(2, 5, 3)
+    exact = generator_sample(student, labels, noise, "logits").q
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = generator_sample(student, labels, noise, "logits").q
+        rounded = torch.softmax(student.logits.float(), -1).expand(2, -1, -1) @ student.codebook.float()
+    assert mixed.dtype == torch.float32 and rounded.dtype == torch.bfloat16  # autocast would lower the matmul
+    torch.testing.assert_close(mixed, exact, rtol=0, atol=0)
+
+
 # -- Gumbel code draws (method.code_draw=gumbel) --------------------------------------------------------------------
 def test_gumbel_codes_are_draws_from_the_generators_softmax_and_q_their_relaxation() -> None:
     from dd.distill.dd2 import generator_sample, gumbel_noise

@@ -51,6 +51,8 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
+from dd.acceleration import full_precision
+
 
 # -- analytic teacher denoiser / score ------------------------------------------------------------------------------
 def analytic_denoiser(x: torch.Tensor, s: torch.Tensor, log_probs: torch.Tensor, codebook: torch.Tensor,
@@ -239,7 +241,8 @@ def generator_sample(student: nn.Module, labels: torch.Tensor, noise: torch.Tens
     if output == "logits":
         # with Gumbel noise: a categorical draw from softmax(logits) (Gumbel-max) and its relaxation
         scores = logits.float() if gumbel is None else logits.float() + gumbel
-        soft, ids = torch.softmax(scores / temperature, dim=-1) @ codebook.float(), scores.argmax(-1)
+        with full_precision(scores.device.type):  # a bf16 matmul would round q, whose small moves DD2 makes
+            soft, ids = torch.softmax(scores / temperature, dim=-1) @ codebook.float(), scores.argmax(-1)
     elif output == "continuous":
         if gumbel is not None:
             raise ValueError("Gumbel draws need the logits output (the continuous head has no distribution)")

@@ -112,7 +112,7 @@ class DD2Config:
 
 
 #: keys of configs/method/dd2.yaml that are not DD2Config fields (read by build_dd2_task itself)
-TASK_KEYS = ("name", "generator_init", "noise_pool", "val_samples", "default_batch_size")
+TASK_KEYS = ("name", "run_suffix", "generator_init", "noise_pool", "val_samples", "default_batch_size")
 
 
 GENERATOR_INITS = ("teacher", "ar_diffusion")
@@ -343,8 +343,8 @@ def build_dd2_task(cfg: dict[str, Any], spec: Any, family: ARFamily, pairs: tupl
     fake = ARDenoiser(family.feature_trunk(), family.token_dim, config.head_width, config.head_depth,
                       token_var=float(codebook.detach().pow(2).mean()), residual=config.guidance == "residual")
     batch, steps, seed = int(cfg["batch_size"]), int(cfg["max_steps"]), int(cfg["seed"])
-    pool = int(cfg["method"].get("noise_pool") or batch * steps)  # default: fresh noise every step
     world = world_size(cfg["trainer"])
+    pool = int(cfg["method"].get("noise_pool") or batch * world * steps)  # default: fresh noise every step, every rank
     train = NoiseLabelDataset(max(pool, batch * world), family.sequence_length, family.token_dim,
                               family.num_classes, seed_base=1_000_000_000 + seed * 10_000_000)
     val = NoiseLabelDataset(int(cfg["method"].get("val_samples", 256)), family.sequence_length, family.token_dim,
