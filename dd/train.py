@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -155,12 +156,26 @@ def check_resume_settings(cfg: dict[str, Any], out: Path) -> None:
         shown = "; ".join(changed[:6]) + (f"; and {len(changed) - 6} more" if len(changed) > 6 else "")
         raise ConfigError(f"{out / 'checkpoints' / 'last.ckpt'} belongs to a run with other settings ({shown}), so "
                           "resume=auto would continue it with a different recipe. Start that folder over with "
-                          "resume=never (its checkpoints are replaced), pick another output_dir, or drop the changed "
+                          "resume=never (its checkpoints move to checkpoints.previous), pick another output_dir, or "
+                          "drop the changed "
                           "settings to continue the run")
     if saved.get("max_steps") != cfg["max_steps"]:
         log.warning("resuming %s with max_steps=%s instead of the run's %s: learning-rate schedules that span "
                     "max_steps change from the checkpoint on", out / "checkpoints" / "last.ckpt", cfg["max_steps"],
                     saved.get("max_steps"))
+
+
+def set_aside_checkpoints(ckpt_dir: Path) -> Path | None:
+    """resume=never over a folder with checkpoints: move them to ``checkpoints.previous`` (replacing an older one) so
+    the new run's ``last.ckpt`` is its own (Lightning would otherwise write ``last-v1.ckpt`` beside the old one, and a
+    later resume=auto would continue the old run under the new run's config.json). Returns where they went."""
+    if not ckpt_dir.is_dir() or not any(ckpt_dir.glob("*.ckpt")):
+        return None
+    previous = ckpt_dir.with_name(ckpt_dir.name + ".previous")
+    if previous.exists():
+        shutil.rmtree(previous)
+    ckpt_dir.rename(previous)
+    return previous
 
 
 def _resume_path(cfg: dict[str, Any], ckpt_dir: Path) -> str | None:
@@ -211,9 +226,11 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
                                 int(cfg["seed"]))
         schedule = cfg["schedule"]
     logger = _logger(cfg, out)
+    ckpt_dir = out / "checkpoints"
     if is_rank_zero():
         save_resolved_config(out, cfg)
-    ckpt_dir = out / "checkpoints"
+        if cfg["resume"] == "never" and (moved := set_aside_checkpoints(ckpt_dir)) is not None:
+            log.warning("resume=never: the folder's earlier checkpoints were moved to %s", moved)
     checkpoint = ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, every_n_train_steps=int(cfg["ckpt_every"]),
                                  save_top_k=0)
     progress = training_progress_callbacks(cfg["trainer"])  # summary lines instead of a bar when not on a terminal

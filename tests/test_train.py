@@ -259,3 +259,9 @@ def test_resume_auto_refuses_a_checkpoint_of_other_settings_and_keeps_it(preset:
     assert any("max_steps=6 instead of the run's 4" in record.getMessage() for record in caplog.records)
     fresh = run_train(compose_cfg("train", changed + ["resume=never"]))  # the documented way to start over
     assert fresh["global_step"] == 4 and json.loads(saved.read_text())["batch_size"] == 8
+    # the old run's checkpoints were set aside, so last.ckpt is the new run's (not a last-v1.ckpt beside the old one)
+    assert sorted(p.name for p in last.parent.glob("*.ckpt")) == ["last.ckpt"]
+    assert torch.load(last, weights_only=True)["global_step"] == 4
+    assert torch.load(out / "checkpoints.previous" / "last.ckpt", weights_only=True)["global_step"] == 6
+    extended = [o for o in changed if not o.startswith("max_steps=")] + ["max_steps=6"]
+    assert run_train(compose_cfg("train", extended))["global_step"] == 6  # resume=auto continues the new run
