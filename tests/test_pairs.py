@@ -263,6 +263,13 @@ def test_two_cpu_ranks_write_the_same_pairs_as_one(preset: str, tmp_path: Path) 
     assert result.returncode == 0, result.stderr[-3000:]
     assert read_manifest(two / "pairs")["complete"]
     assert torch.equal(_all_indices(one / "pairs"), _all_indices(two / "pairs"))
+    # fewer shards than ranks (here one shard of 160): the rank without a shard still reaches the writers' barrier
+    lone = tmp_path / "lone"
+    result = subprocess.run(_cli(lone, preset, 160, 16, "trainer.devices=2"), cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert read_manifest(lone / "pairs")["complete"]
+    assert torch.equal(_all_indices(one / "pairs"), _all_indices(lone / "pairs"))
 
 
 def test_bad_settings_fail_before_loading(tmp_path: Path) -> None:

@@ -43,6 +43,10 @@ def pending_shards(directory: Path, num_pairs: int, shard_size: int) -> list[tup
             if not shard_is_complete(shard_path(directory, i), first, count)]
 
 
+#: the placeholder item of a rank left without a shard (see PairGenerationTask.predict_dataloader)
+NO_SHARD = (-1, 0, 0)
+
+
 class _ShardList(Dataset):
     def __init__(self, shards: Sequence[tuple[int, int, int]]) -> None:
         self.shards = list(shards)
@@ -69,10 +73,15 @@ class PairGenerationTask(L.LightningModule):
 
     def predict_dataloader(self) -> DataLoader:
         rank, world = self.trainer.global_rank, self.trainer.world_size
-        return DataLoader(_ShardList(self.shards[rank::world]), batch_size=None, shuffle=False)
+        # a rank with no shard (fewer pending shards than ranks) still runs one empty step: Lightning skips the
+        # predict loop of an empty dataloader, hooks included, and that rank would never reach the writers' barrier
+        mine = self.shards[rank::world] or [NO_SHARD]
+        return DataLoader(_ShardList(mine), batch_size=None, shuffle=False)
 
-    def predict_step(self, shard: tuple[int, int, int], batch_idx: int = 0) -> dict[str, Any]:
+    def predict_step(self, shard: tuple[int, int, int], batch_idx: int = 0) -> dict[str, Any] | None:
         index, first, count = (int(v) for v in shard)
+        if index < 0:
+            return None
         parts = []
         for start in range(first, first + count, self.batch_size):
             n = min(self.batch_size, first + count - start)
@@ -103,6 +112,8 @@ class ShardWriter(BasePredictionWriter):
 
     def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any,
                            batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if prediction is None:  # NO_SHARD
+            return
         write_shard(self.directory, prediction["index"], prediction["first"], prediction["batch"], self.token_shape,
                     self.store_noise)
         if self.bar is not None:
