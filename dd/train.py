@@ -74,9 +74,10 @@ def _method(cfg: dict[str, Any]) -> str:
 
 
 def _datasets(cfg: dict[str, Any], family: Any, teacher_sha: str):
-    from dd.pairs import PairDataset, PairExpectation
+    from dd.pairs import PairDataset, PairExpectation, state_dict_sha256
 
-    expect = PairExpectation.of_family(family, teacher_sha256=teacher_sha)
+    expect = PairExpectation.of_family(family, teacher_sha256=teacher_sha,
+                                       tokenizer_sha256=state_dict_sha256(family.tokenizer))
     every = int(cfg["data"]["val_every"])
     directory = Path(cfg["data"]["pairs_dir"])
     if not (directory / "manifest.json").is_file():
@@ -84,8 +85,10 @@ def _datasets(cfg: dict[str, Any], family: Any, teacher_sha: str):
                           f"model={cfg['model']['name']} (or set data.pairs_dir=<.../pairs>).")
     train = PairDataset(directory, expect, sample_filter=lambda i: i % every != 0)
     val = PairDataset(directory, expect, sample_filter=lambda i: i % every == 0)
-    if len(train) < int(cfg["batch_size"]):
-        raise ConfigError(f"only {len(train)} training pairs for batch_size={cfg['batch_size']}: generate more pairs")
+    world = world_size(cfg["trainer"])
+    if len(train) < int(cfg["batch_size"]) * world:
+        raise ConfigError(f"only {len(train)} training pairs for batch_size={cfg['batch_size']} on {world} rank(s) "
+                          f"({int(cfg['batch_size']) * world} per step): generate more pairs or lower batch_size")
     return train, val
 
 

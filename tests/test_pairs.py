@@ -154,6 +154,10 @@ def test_reader_rejects_mismatched_model_and_corruption(preset: str, reference_r
         PairDataset(reference_run, replace(expect, sequence_length=64))
     with pytest.raises(PairFormatError, match="different teacher"):
         PairDataset(reference_run, replace(expect, teacher_sha256="0" * 64))
+    with pytest.raises(PairFormatError, match="different tokenizer"):
+        PairDataset(reference_run, replace(expect, tokenizer_sha256="0" * 64))
+    tokenizer_sha = read_manifest(reference_run)["tokenizer"]["sha256"]
+    assert len(PairDataset(reference_run, replace(expect, tokenizer_sha256=tokenizer_sha))) > 0
     copy = tmp_path / "pairs"
     copy.mkdir()
     for f in reference_run.iterdir():
@@ -221,6 +225,11 @@ def test_resume_with_other_settings_is_refused(reference_run: Path) -> None:
     existing = read_manifest(reference_run)
     with pytest.raises(PairFormatError, match="other settings.*seed_base"):
         check_settings_match(existing, {**existing, "seed_base": 5})
+    other_codebook = {**existing["tokenizer"], "sha256": "0" * 64}
+    with pytest.raises(PairFormatError, match="other settings.*tokenizer"):
+        check_settings_match(existing, {**existing, "tokenizer": other_codebook})
+    moved = {**existing["tokenizer"], "checkpoint": "/elsewhere/vq.pt"}  # the same weights from another path resume
+    check_settings_match(existing, {**existing, "tokenizer": moved})
 
 
 def _cli(out: Path, preset: str, shard_size: int = 16, batch_size: int = 16, *extra: str) -> list[str]:

@@ -265,3 +265,11 @@ def test_resume_auto_refuses_a_checkpoint_of_other_settings_and_keeps_it(preset:
     assert torch.load(out / "checkpoints.previous" / "last.ckpt", weights_only=True)["global_step"] == 6
     extended = [o for o in changed if not o.startswith("max_steps=")] + ["max_steps=6"]
     assert run_train(compose_cfg("train", extended))["global_step"] == 6  # resume=auto continues the new run
+
+
+def test_too_few_pairs_for_the_global_batch_is_a_config_error(preset: str, pairs_dir: Path, tmp_path: Path) -> None:
+    """608 training pairs hold one batch of 400, not one of 400 on each of two ranks: refused before training."""
+    with pytest.raises(ConfigError, match=r"608 training pairs for batch_size=400 on 2 rank\(s\)"):
+        run_train(compose_cfg("train", _train_overrides(pairs_dir, tmp_path / "run", model=preset, batch_size=400,
+                                                        **{"trainer.devices": 2})))
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -128,6 +128,8 @@ EXECUTION_ONLY_FLOW_KEYS = ("fast_path", "support")
 
 
 def _identity(key: str, value: Any) -> Any:
+    if key == "tokenizer" and isinstance(value, Mapping):  # its weights, wherever the file lives
+        return value.get("sha256")
     if key == "flow" and isinstance(value, Mapping):
         return {k: v for k, v in value.items() if k not in EXECUTION_ONLY_FLOW_KEYS}
     return value
@@ -135,8 +137,8 @@ def _identity(key: str, value: Any) -> Any:
 
 def check_settings_match(existing: Mapping[str, Any], current: Mapping[str, Any]) -> None:
     """Refuse to resume into a directory generated with other settings (it would mix two distributions)."""
-    keys = ("format_version", "teacher", "sampling", "flow", "seed_base", "labels", "num_pairs", "shard_size",
-            "sequence_length", "token_dim", "store_noise")
+    keys = ("format_version", "teacher", "tokenizer", "sampling", "flow", "seed_base", "labels", "num_pairs",
+            "shard_size", "sequence_length", "token_dim", "store_noise")
     diffs = [k for k in keys if _identity(k, existing.get(k)) != _identity(k, current.get(k))]
     if diffs:
         detail = "; ".join(f"{k}: existing {existing.get(k)!r} vs now {current.get(k)!r}" for k in diffs)
@@ -154,12 +156,14 @@ class PairExpectation:
     vocab_size: int
     num_classes: int
     teacher_sha256: str | None = None
+    tokenizer_sha256: str | None = None  # the codebook the flow map used must be the student's
 
     @classmethod
-    def of_family(cls, family: Any, teacher_sha256: str | None = None) -> "PairExpectation":
+    def of_family(cls, family: Any, teacher_sha256: str | None = None,
+                  tokenizer_sha256: str | None = None) -> "PairExpectation":
         """What a family's student trains on: its sequence length, token dimension, codebook size and classes."""
         return cls(family.sequence_length, family.token_dim, int(family.codebook().shape[0]), family.num_classes,
-                   teacher_sha256=teacher_sha256)
+                   teacher_sha256=teacher_sha256, tokenizer_sha256=tokenizer_sha256)
 
 
 def validate_manifest(manifest: Mapping[str, Any], expected: PairExpectation, directory: Path) -> None:
@@ -176,6 +180,11 @@ def validate_manifest(manifest: Mapping[str, Any], expected: PairExpectation, di
     if expected.teacher_sha256 and teacher_sha and teacher_sha != expected.teacher_sha256:
         raise PairFormatError(f"pairs in {directory} come from a different teacher (sha256 {teacher_sha[:12]} vs "
                               f"{expected.teacher_sha256[:12]}); the student must be initialised from the same teacher.")
+    tokenizer_sha = (manifest.get("tokenizer") or {}).get("sha256")
+    if expected.tokenizer_sha256 and tokenizer_sha and tokenizer_sha != expected.tokenizer_sha256:
+        raise PairFormatError(f"pairs in {directory} were mapped with a different tokenizer (sha256 {tokenizer_sha[:12]} "
+                              f"vs {expected.tokenizer_sha256[:12]}): the flow map's noise -> token pairs depend on its "
+                              "codebook. Train with the tokenizer the pairs were generated with, or regenerate them.")
     if not manifest.get("complete", False):
         raise PairFormatError(f"pair generation in {directory} is incomplete; re-run the same generate_pairs command "
                               f"to finish it (complete shards are skipped).")
@@ -222,6 +231,6 @@ class PairDataset(Dataset):
         if noise_sums(noise[None])[0] != self.data["noise_sum"][i]:
             raise PairFormatError(f"noise regenerated from seed {seed} does not match the stored checksum: this "
                                   f"torch version draws different random numbers than the one that generated the "
-                                  f"pairs. Regenerate with store_noise=true or use the same torch version.")
+                                  f"pairs. Regenerate the pairs with this torch version, or train with the one that generated them.")
         return {"label": self.data["labels"][i], "indices": self.data["indices"][i].long(), "noise": noise,
                 "sample_id": self.data["sample_ids"][i]}
