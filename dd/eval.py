@@ -68,7 +68,10 @@ def _check_counts(cfg: dict[str, Any]) -> None:
 def _check_labels(mode: Any, num_classes: int) -> None:
     if mode in ("uniform", "balanced"):
         return
-    if isinstance(mode, str) or not mode or any(not 0 <= int(c) < num_classes for c in mode):
+    def is_class(c: Any) -> bool:
+        return isinstance(c, int) and not isinstance(c, bool) and 0 <= c < num_classes
+
+    if not isinstance(mode, (list, tuple)) or not mode or not all(is_class(c) for c in mode):
         raise ConfigError(f"labels={mode!r}: expected uniform, balanced or a list of class ids in 0..{num_classes - 1}")
 
 
@@ -154,7 +157,7 @@ def build_models(cfg: dict[str, Any], spec: Any, sampler: EvalSampler) -> EvalMo
 
 def checksums(cfg: dict[str, Any], spec: Any, models: EvalModels, sampler: EvalSampler) -> dict[str, Any]:
     """File and weight checksums of everything that shaped the samples."""
-    from dd.checkpoint import file_sha256, state_dict_sha256
+    from dd.checkpoint import state_dict_sha256
 
     family = models.family
     result: dict[str, Any] = {"tokenizer": {"checkpoint": spec.tokenizer.checkpoint,
@@ -163,10 +166,22 @@ def checksums(cfg: dict[str, Any], spec: Any, models: EvalModels, sampler: EvalS
         result["teacher"] = {"checkpoint": spec.teacher.checkpoint, "state_dict_sha256": state_dict_sha256(family.teacher)}
     if models.student is not None:
         reference = student_reference(cfg, spec)
-        path = Path(reference).expanduser()
-        result["student"] = {"checkpoint": reference, "file_sha256": file_sha256(path) if path.is_file() else None,
+        result["student"] = {"checkpoint": reference, "file_sha256": student_file_sha256(reference),
                              "state_dict_sha256": state_dict_sha256(models.student)}
     return result
+
+
+def student_file_sha256(reference: str) -> str | None:
+    """sha256 of the student file a reference names (an hf:// one: the downloaded file, already in the Hub cache
+    since the student was loaded from it), so ``dd.push`` can match the evaluation to the export; None for
+    ``random:<seed>`` students, which have no file."""
+    from dd.checkpoint import file_sha256, resolve_reference
+
+    if reference.startswith("random:"):
+        return None
+    path = resolve_reference(reference, "student.checkpoint") if reference.startswith("hf://") \
+        else Path(reference).expanduser()
+    return file_sha256(path) if path.is_file() else None
 
 
 # -- run -------------------------------------------------------------------------------------------------------

@@ -306,7 +306,9 @@ def _offline() -> bool:
     from huggingface_hub import constants
 
     flag = os.environ.get("HF_HUB_OFFLINE", "")
-    return constants.is_offline_mode() or flag.lower() in ("1", "true", "yes", "on")
+    checker = getattr(constants, "is_offline_mode", None)  # huggingface_hub >= 1.2.1; before: a module constant
+    library = checker() if callable(checker) else bool(getattr(constants, "HF_HUB_OFFLINE", False))
+    return library or flag.lower() in ("1", "true", "yes", "on")
 
 
 def hub_token(token: str | None) -> str:
@@ -326,7 +328,10 @@ def upload(folder: Path, repo_id: str, token: str | None = None, private: bool =
            revision: str | None = None, commit_message: str | None = None) -> str:
     """Create the model repository if needed and upload ``folder`` as one commit; returns the commit URL."""
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
+    try:
+        from huggingface_hub.errors import HfHubHTTPError
+    except ImportError:  # huggingface_hub < 0.24
+        from huggingface_hub.utils import HfHubHTTPError
 
     api = HfApi(token=hub_token(token))
     try:

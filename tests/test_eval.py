@@ -147,6 +147,8 @@ def no_model_loading(monkeypatch: pytest.MonkeyPatch) -> None:
     (["schedule.split_t=65"], "valid range 0..64"),
     (["num_samples=0"], "num_samples=0"),
     (["labels=[3,12]"], "0..9"),
+    (["labels=[a]"], "0..9"),  # not a class id (was a bare ValueError)
+    (["labels=5"], "0..9"),  # one number, not a list (was a TypeError)
     (["teacher_dtype=int8"], "teacher_dtype"),
     (["metrics.reference=/nonexistent/statistic.pth"], "not found"),
     (["sampler=teacher", "model.sampling.top_p=0"], "top_p=0 must be in"),
@@ -396,3 +398,22 @@ def test_speed_benchmark_script_runs_on_the_test_preset(tmp_path: Path, monkeypa
     rows = [line for line in out.read_text().splitlines() if line.startswith("| gpt_test")]
     assert len(rows) == 8 and [r.split(" | ")[3] for r in rows[:4]] == ["16", "1", "2", "7"]
     assert rows[0].endswith("| 1.0x | 1.0x |")
+
+
+def test_an_hf_student_evaluation_records_the_downloaded_files_checksum(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """dd.push matches an evaluation to an export by the student file's sha256: an hf:// student's is the file the
+    Hub cache holds (it was None before, so such an evaluation could never be pushed)."""
+    import hashlib
+
+    import dd.checkpoint
+    from dd.eval import student_file_sha256
+
+    cached = tmp_path / "student_ema.pt"
+    cached.write_bytes(b"weights")
+    seen = []
+    monkeypatch.setattr(dd.checkpoint, "resolve_reference", lambda ref, key=None: seen.append((ref, key)) or cached)
+    assert student_file_sha256("hf://org/repo/student_ema.pt") == hashlib.sha256(b"weights").hexdigest()
+    assert seen == [("hf://org/repo/student_ema.pt", "student.checkpoint")]
+    assert student_file_sha256(str(cached)) == hashlib.sha256(b"weights").hexdigest()
+    assert student_file_sha256("random:3") is None

@@ -263,3 +263,18 @@ def test_hub_module_imports_neither_lightning_nor_hydra() -> None:
             "print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'hydra'))))\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT)
     assert result.returncode == 0 and result.stdout.strip() == "", result.stdout + result.stderr
+
+
+def test_offline_check_works_on_hub_versions_without_is_offline_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """huggingface_hub < 1.2.1 has only the HF_HUB_OFFLINE constant (pyproject allows >= 0.23): no AttributeError."""
+    from dd.hub import _offline
+
+    monkeypatch.delattr(huggingface_hub.constants, "is_offline_mode", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    assert _offline() is False
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert _offline() is True
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert _offline() is True
