@@ -181,16 +181,22 @@ def eval_command(result: EvalResult, repo_id: str) -> str:
     return " ".join(parts)
 
 
+def _steady_seconds(timing: Mapping[str, Any]) -> float | None:
+    """Sampling seconds per image at steady state (warm-up batches left out; all batches when there was one)."""
+    steady = timing.get("sampling_s_per_image_steady")
+    return steady if steady is not None else timing.get("sampling_s_per_image")
+
+
 def _results_table(evals: Sequence[EvalResult]) -> list[str]:
     lines = ["| evaluation | sampler | #Step | samples | FID | IS | precision | recall | label accuracy | "
-             "sampling s/img |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "sampling s/img (steady) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for result in evals:
         m, metrics = result.metrics, result.metrics.get("metrics", {})
         fid = _fmt(metrics.get("fid"), 2) + (" *" if m.get("fid_is_proxy") and metrics.get("fid") is not None else "")
         lines.append(f"| [{result.name}]({EVALS_DIR}/{result.name}/metrics.json) | {m['sampler']['name']} | "
                      f"{m['steps']} | {m['num_samples']} | {fid} | {_fmt(metrics.get('isc_mean'), 2)} | "
                      f"{_fmt(metrics.get('precision'))} | {_fmt(metrics.get('recall'))} | "
-                     f"{_fmt(metrics.get('label_accuracy'))} | {_fmt(m['timing'].get('sampling_s_per_image'), 4)} |")
+                     f"{_fmt(metrics.get('label_accuracy'))} | {_fmt(_steady_seconds(m['timing']), 4)} |")
     reasons = sorted({r.metrics["fid_proxy_reason"] for r in evals if r.metrics.get("fid_proxy_reason")})
     if reasons:
         lines += ["", "\\* proxy FID, not comparable with the paper's FID-50k: " + "; ".join(reasons) + "."]

@@ -417,3 +417,20 @@ def test_an_hf_student_evaluation_records_the_downloaded_files_checksum(tmp_path
     assert seen == [("hf://org/repo/student_ema.pt", "student.checkpoint")]
     assert student_file_sha256(str(cached)) == hashlib.sha256(b"weights").hexdigest()
     assert student_file_sha256("random:3") is None
+
+
+def test_steady_timing_leaves_out_the_first_batch_of_every_session_and_rank() -> None:
+    """A resumed evaluation samples in two sessions; each session's first batch per rank (CUDA init, compilation)
+    is warm-up, not steady-state latency, wherever it lands among the merged records."""
+    from dd.evaluation.report import timing_summary
+
+    def record(session: str | None, rank: int, seconds: float) -> dict:
+        return {"count": 4, "sampling_s": seconds, "decode_s": seconds / 10, "rank": rank, "session": session}
+
+    batches = [record("a", 0, 40.0), record("a", 0, 4.0), record("a", 1, 40.0), record("a", 1, 4.0),
+               record("b", 0, 40.0), record("b", 0, 4.0), record("b", 1, 40.0), record("b", 1, 4.0)]
+    summary = timing_summary(batches)
+    assert summary["sampling_s_per_image_steady"] == 1.0 and summary["num_ranks"] == 2
+    assert summary["sampling_s_per_image"] == (4 * 40.0 + 4 * 4.0) / 32
+    old = timing_summary([{k: v for k, v in r.items() if k != "session"} for r in batches[:2]])  # older parts
+    assert old["sampling_s_per_image_steady"] == 1.0

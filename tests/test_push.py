@@ -112,6 +112,9 @@ def test_dry_run_builds_the_folder_and_the_card(preset: str, export: Path, evals
         row = next(line for line in card.splitlines() if line.startswith(f"| [{eval_dir.name}]"))
         assert f"| {metrics['steps']} | 8 | {metrics['metrics']['fid']:.2f} *" in row
         assert f"{metrics['metrics']['label_accuracy']:.3f}" in row
+        timing = metrics["timing"]  # steady-state seconds per image when there was more than one batch
+        shown = timing["sampling_s_per_image_steady"] or timing["sampling_s_per_image"]
+        assert row.endswith(f"| {shown:.4f} |"), (row, timing)
         assert f"![{eval_dir.name}](evals/{eval_dir.name}/grid.png)" in card
     student_cmd, teacher_cmd = (line for line in card.splitlines() if line.startswith("python -m dd.eval"))
     t_list = ",".join(map(str, config["schedule"]["t_list"]))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+import uuid
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -66,6 +67,10 @@ def part_ranges(directory: Path) -> list[tuple[int, int]]:
     return sorted(ranges)
 
 
+#: this process's sampling session: a resumed evaluation's batches come from several, each with its own warm-up
+SESSION = uuid.uuid4().hex[:12]
+
+
 def write_batch(directory: Path, batch: EvalBatch, write_pngs: bool, rank: int = 0) -> Path:
     """PNG per sample (optional) plus the batch's part file; returns the part path.
 
@@ -79,7 +84,7 @@ def write_batch(directory: Path, batch: EvalBatch, write_pngs: bool, rank: int =
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"indices": batch.indices, "seeds": batch.seeds, "labels": batch.labels, "images": batch.images,
                "model_evals": batch.model_evals, "sampling_s": batch.sampling_s, "decode_s": batch.decode_s,
-               "rank": rank}
+               "rank": rank, "session": SESSION}
     tmp = path.with_suffix(".tmp")
     torch.save(payload, tmp)
     tmp.replace(path)
@@ -130,7 +135,7 @@ def assemble_parts(directory: Path, num_samples: int, delete_parts: bool = True,
         images[index] = part["images"].numpy()
         labels[index], seeds[index], seen[index] = part["labels"].numpy(), part["seeds"].numpy(), True
         batches.append({k: part[k] for k in ("sampling_s", "decode_s", "rank", "model_evals")}
-                       | {"count": len(index)})
+                       | {"count": len(index), "session": part.get("session")})
         if delete_parts:
             file.unlink()  # bounds the disk peak at 50k x 256 px: parts + memory map + npz would be 3 x 9.8 GB
     if not seen.all():

@@ -2,7 +2,8 @@
 
 Timing convention ("wall time of generating one image", method.md §5.4): per batch, the device-synchronised wall
 time of sampling and of decoding, divided by the batch size. ``*_s_per_image`` averages over all batches;
-``*_s_per_image_steady`` leaves out each rank's first batch (CUDA/cache warm-up) when there is more than one.
+``*_s_per_image_steady`` leaves out each rank's first batch of every sampling session (CUDA/cache warm-up,
+compilation; a resumed evaluation has one session per run) when there is more than one.
 Numbers are per device and depend on the batch size (batch 1 = latency, large batches = throughput).
 """
 
@@ -22,10 +23,11 @@ def timing_summary(batches: Sequence[dict[str, Any]]) -> dict[str, Any]:
         count = sum(r["count"] for r in records)
         return sum(r[key] for r in records) / count if count else None
 
-    first_of_rank = {}
+    first_of_rank = {}  # (session, rank) -> index of its first batch; records from before sessions: None
     for i, record in enumerate(batches):
-        first_of_rank.setdefault(record["rank"], i)
-    steady = [r for i, r in enumerate(batches) if i not in first_of_rank.values()]
+        first_of_rank.setdefault((record.get("session"), record["rank"]), i)
+    firsts = set(first_of_rank.values())
+    steady = [r for i, r in enumerate(batches) if i not in firsts]
     return {
         "sampling_s_per_image": per_image(batches, "sampling_s"),
         "decode_s_per_image": per_image(batches, "decode_s"),
@@ -33,7 +35,7 @@ def timing_summary(batches: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "decode_s_per_image_steady": per_image(steady, "decode_s") if steady else None,
         "sampling_s_per_batch_median": statistics.median(r["sampling_s"] for r in batches),
         "num_batches": len(batches),
-        "num_ranks": len(first_of_rank),
+        "num_ranks": len({rank for _, rank in first_of_rank}),
     }
 
 
