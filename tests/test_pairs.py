@@ -182,6 +182,15 @@ def test_resume_skips_complete_shards_and_repairs_damage(preset: str, reference_
     assert shard_path(pairs, 0).stat().st_mtime_ns == kept, "a complete shard was regenerated"
     assert not list(pairs.glob("*.tmp*"))
     assert torch.equal(_all_indices(pairs), _all_indices(reference_run))
+    # damage that still loads (other token ids, the same sample ids): the recorded checksum catches it on a re-run,
+    # which regenerates the shard instead of recording the damaged bytes as its checksum
+    shard = torch.load(shard_path(pairs, 1), weights_only=True)
+    shard["indices"][0, 0] = (int(shard["indices"][0, 0]) + 1) % 64
+    torch.save(shard, shard_path(pairs, 1))
+    with pytest.warns(UserWarning, match="regenerating it"):
+        manifest = run(compose_cfg("generate_pairs", overrides))
+    assert torch.equal(_all_indices(pairs), _all_indices(reference_run))
+    assert manifest["shards"][1]["sha256"] == read_manifest(reference_run)["shards"][1]["sha256"]
 
 
 @pytest.mark.parametrize("preset", PRESETS)

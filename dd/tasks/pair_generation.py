@@ -20,6 +20,7 @@ from dd.flow import FlowMapConfig
 from dd.models.protocol import ARFamily
 from dd.pairs.generation import PairBatch, generate_pair_batch, make_labels
 from dd.pairs.shards import (
+    MANIFEST,
     file_sha256,
     read_manifest,
     shard_is_complete,
@@ -38,9 +39,22 @@ warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
 
 
 def pending_shards(directory: Path, num_pairs: int, shard_size: int) -> list[tuple[int, int, int]]:
-    """(index, first_sample, count) of every shard not yet complete on disk."""
-    return [(i, first, count) for i, (first, count) in enumerate(shard_ranges(num_pairs, shard_size))
-            if not shard_is_complete(shard_path(directory, i), first, count)]
+    """(index, first_sample, count) of every shard not yet complete on disk: missing, unreadable, holding other
+    samples, or (once a finished run recorded its checksum) changed since, e.g. a corrupted file that still loads,
+    which is regenerated instead of having its new bytes recorded as the shard's checksum."""
+    manifest_file = Path(directory) / MANIFEST
+    recorded = {}
+    if manifest_file.is_file():
+        recorded = {int(e["index"]): e.get("sha256") for e in read_manifest(directory).get("shards", [])}
+    pending = []
+    for i, (first, count) in enumerate(shard_ranges(num_pairs, shard_size)):
+        path = shard_path(directory, i)
+        if not shard_is_complete(path, first, count):
+            pending.append((i, first, count))
+        elif recorded.get(i) and file_sha256(path) != recorded[i]:
+            warnings.warn(f"{path} differs from the checksum its generation recorded: regenerating it", stacklevel=2)
+            pending.append((i, first, count))
+    return pending
 
 
 #: the placeholder item of a rank left without a shard (see PairGenerationTask.predict_dataloader)
