@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,9 @@ def _validate(cfg: dict[str, Any], spec: Any) -> None:
             OptimConfig(**cfg["optim"])
         except (TypeError, ValueError) as err:
             raise ConfigError(f"optim: {err}") from err
+        if int(cfg["optim"].get("warmup_steps", 0)) >= int(cfg["max_steps"]):
+            log.warning("optim.warmup_steps=%s >= max_steps=%s: the learning rate never reaches optim.lr and never "
+                        "decays; lower optim.warmup_steps", cfg["optim"]["warmup_steps"], cfg["max_steps"])
     if int(cfg.get("snapshot_every", 0)) < 0:
         raise ConfigError(f"snapshot_every={cfg['snapshot_every']} must be >= 0 (0: no snapshots)")
     if int(cfg["data"]["val_every"]) < 2:
@@ -73,8 +77,20 @@ def _method(cfg: dict[str, Any]) -> str:
     return str((cfg.get("method") or {}).get("name", "dd"))
 
 
+def validation_split(labels: Any, num_classes: int, every: int) -> Callable[[int], bool]:
+    """Which sample ids are held out for validation, one in ``every``. With seeded (uniform) labels every
+    ``every``-th id; with labels that cycle over the sample id (``balanced``: id mod num_classes, or a list of
+    classes) every ``every``-th block of one whole cycle, so validation sees every class (every ``every``-th id
+    would see only the classes that share a factor with ``every``: class 0 alone for 10 classes and every 20)."""
+    if labels == "uniform":
+        return lambda i: i % every == 0
+    period = num_classes if labels == "balanced" else len(labels)
+    return lambda i: (i // period) % every == 0
+
+
 def _datasets(cfg: dict[str, Any], family: Any, teacher_sha: str):
     from dd.pairs import PairDataset, PairExpectation, state_dict_sha256
+    from dd.pairs.shards import read_manifest
 
     expect = PairExpectation.of_family(family, teacher_sha256=teacher_sha,
                                        tokenizer_sha256=state_dict_sha256(family.tokenizer))
@@ -83,8 +99,9 @@ def _datasets(cfg: dict[str, Any], family: Any, teacher_sha: str):
     if not (directory / "manifest.json").is_file():
         raise ConfigError(f"no pairs at {directory}. Generate them first: python -m dd.generate_pairs "
                           f"model={cfg['model']['name']} (or set data.pairs_dir=<.../pairs>).")
-    train = PairDataset(directory, expect, sample_filter=lambda i: i % every != 0)
-    val = PairDataset(directory, expect, sample_filter=lambda i: i % every == 0)
+    held_out = validation_split(read_manifest(directory).get("labels", "uniform"), family.num_classes, every)
+    train = PairDataset(directory, expect, sample_filter=lambda i: not held_out(i))
+    val = PairDataset(directory, expect, sample_filter=held_out)
     world = world_size(cfg["trainer"])
     if len(train) < int(cfg["batch_size"]) * world:
         raise ConfigError(f"only {len(train)} training pairs for batch_size={cfg['batch_size']} on {world} rank(s) "

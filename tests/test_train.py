@@ -273,3 +273,29 @@ def test_too_few_pairs_for_the_global_batch_is_a_config_error(preset: str, pairs
         run_train(compose_cfg("train", _train_overrides(pairs_dir, tmp_path / "run", model=preset, batch_size=400,
                                                         **{"trainer.devices": 2})))
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("labels, num_classes", [("uniform", 10), ("balanced", 10), ("balanced", 4), ([3, 5, 7], 10)])
+def test_validation_split_holds_out_one_in_every_and_every_class(labels, num_classes: int) -> None:
+    """One pair in val_every is held out; with labels cycling over the sample id, every class is among them
+    (every 20th id alone would hold out class 0 only for 10 balanced classes)."""
+    from dd.pairs import make_labels
+    from dd.train import validation_split
+
+    held_out = validation_split(labels, num_classes, 20)
+    ids = range(2400)  # whole multiples of every period
+    val = [i for i in ids if held_out(i)]
+    assert len(val) == 120
+    if labels != "uniform":
+        cycle = sorted(set(make_labels(list(ids), num_classes, labels, ids).tolist()))
+        assert sorted(set(make_labels(val, num_classes, labels, val).tolist())) == cycle
+    else:
+        assert val == list(range(0, 2400, 20))  # the split every published number was trained with
+
+
+def test_a_warm_up_as_long_as_the_run_is_reported(preset: str, pairs_dir: Path, tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="dd.train"):
+        run_train(compose_cfg("train", _train_overrides(pairs_dir, tmp_path, model=preset, max_steps=3,
+                                                        val_every_steps=3, **{"optim.warmup_steps": 4})))
+    assert any("never reaches optim.lr" in r.getMessage() for r in caplog.records)
