@@ -259,6 +259,21 @@ def test_soft_token_stays_float32_under_bf16_autocast() -> None:
     torch.testing.assert_close(mixed, exact, rtol=0, atol=0)
 
 
+def test_guidance_head_runs_in_float32_under_bf16_autocast() -> None:
+    """The guidance network's denoiser head F stays float32 under autocast (the trunk may run in bf16): the
+    generator's loss is the small difference D_T - F."""
+    from dd.distill.dd2 import DenoiseHead
+
+    torch.manual_seed(0)
+    head = DenoiseHead(feature_dim=16, token_dim=4, width=32, depth=2)
+    features, x, s = torch.randn(2, 5, 16), torch.randn(2, 5, 4), torch.rand(2, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = head(features.bfloat16(), x, s)
+        assert head.out(torch.randn(3, 32)).dtype == torch.bfloat16  # what autocast does to the head otherwise
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, head(features.bfloat16().float(), x, s), rtol=0, atol=0)
+
+
 # -- Gumbel code draws (method.code_draw=gumbel) --------------------------------------------------------------------
 def test_gumbel_codes_are_draws_from_the_generators_softmax_and_q_their_relaxation() -> None:
     from dd.distill.dd2 import generator_sample, gumbel_noise

@@ -164,14 +164,17 @@ class DenoiseHead(nn.Module):
 
     def forward(self, features: torch.Tensor, x: torch.Tensor, s: torch.Tensor,
                 base: torch.Tensor | None = None) -> torch.Tensor:
-        scale = torch.sqrt((1.0 - s) ** 2 * self.token_var + s * s)[..., None]
-        parts = [features.float(), x.float() / scale, self.time(s)]
-        if self.residual:
-            if base is None:
-                raise ValueError("a residual denoiser head needs the base denoiser's output at x (base=...)")
-            parts.append(base.float() / math.sqrt(self.token_var))
-        out = self.out(self.mlp(torch.cat(parts, dim=-1)))
-        return base.float() + out if self.residual else out
+        if self.residual and base is None:
+            raise ValueError("a residual denoiser head needs the base denoiser's output at x (base=...)")
+        # float32 even under bf16 autocast (a small MLP): the generator's signal is the small difference between
+        # this output and the analytic teacher denoiser's, which bf16 rounding (~0.4%) would bury
+        with full_precision(x.device.type):
+            scale = torch.sqrt((1.0 - s) ** 2 * self.token_var + s * s)[..., None]
+            parts = [features.float(), x.float() / scale, self.time(s)]
+            if self.residual:
+                parts.append(base.float() / math.sqrt(self.token_var))
+            out = self.out(self.mlp(torch.cat(parts, dim=-1)))
+            return base.float() + out if self.residual else out
 
 
 class ARDenoiser(nn.Module):
