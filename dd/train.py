@@ -43,9 +43,6 @@ def _validate(cfg: dict[str, Any], spec: Any) -> None:
             OptimConfig(**cfg["optim"])
         except (TypeError, ValueError) as err:
             raise ConfigError(f"optim: {err}") from err
-        if int(cfg["optim"].get("warmup_steps", 0)) >= int(cfg["max_steps"]):
-            log.warning("optim.warmup_steps=%s >= max_steps=%s: the learning rate never reaches optim.lr and never "
-                        "decays; lower optim.warmup_steps", cfg["optim"]["warmup_steps"], cfg["max_steps"])
     if int(cfg.get("snapshot_every", 0)) < 0:
         raise ConfigError(f"snapshot_every={cfg['snapshot_every']} must be >= 0 (0: no snapshots)")
     if int(cfg["data"]["val_every"]) < 2:
@@ -245,6 +242,9 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
                                 int(cfg["num_workers"]), _perceptual(cfg, family), bool(cfg["compile"]),
                                 int(cfg["seed"]))
         schedule = cfg["schedule"]
+        if int(cfg["optim"].get("warmup_steps", 0)) >= int(cfg["max_steps"]):  # after every error could have been
+            log.warning("optim.warmup_steps=%s >= max_steps=%s: the learning rate never reaches optim.lr and never "
+                        "decays; lower optim.warmup_steps", cfg["optim"]["warmup_steps"], cfg["max_steps"])
     logger = _logger(cfg, out)
     ckpt_dir = out / "checkpoints"
     if is_rank_zero():
