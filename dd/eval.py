@@ -15,6 +15,7 @@ unless ``resume=never`` asks to start over.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import os
 import time
@@ -39,6 +40,8 @@ from dd.runs import (
 )
 
 log = logging.getLogger("dd.eval")
+#: configs/eval.yaml's seed_base: past the seeds dd.generate_pairs (seed_base 0) and DD2's training draw
+EVAL_SEED_BASE = 3_000_000_000
 
 EXPORT_HINT = ("train and export one with `python -m dd.generate_pairs model={name}` followed by "
                "`python -m dd.train model={name}` (the export lands at outputs/train/{name}/export/student_ema.pt)")
@@ -73,6 +76,31 @@ def _check_labels(mode: Any, num_classes: int) -> None:
 
     if not isinstance(mode, (list, tuple)) or not mode or not all(is_class(c) for c in mode):
         raise ConfigError(f"labels={mode!r}: expected uniform, balanced or a list of class ids in 0..{num_classes - 1}")
+
+
+def training_seed_overlap(reference: str, seed_base: int, num_samples: int) -> tuple[int, int] | None:
+    """The seeds [first, last] that an evaluation of ``num_samples`` from ``seed_base`` shares with the noise the
+    student was trained on (``training_seed_range`` in a dd export's ``.json`` sidecar), or None."""
+    sidecar = Path(str(reference) + ".json").expanduser()
+    if "://" in str(reference) or not sidecar.is_file():
+        return None
+    try:
+        trained = json.loads(sidecar.read_text()).get("training_seed_range")
+    except ValueError:
+        return None
+    if not trained:
+        return None
+    first, last = max(seed_base, int(trained[0])), min(seed_base + num_samples - 1, int(trained[1]))
+    return (first, last) if first <= last else None
+
+
+def _warn_on_training_seeds(reference: str, seed_base: int, num_samples: int) -> None:
+    overlap = training_seed_overlap(reference, seed_base, num_samples)
+    if overlap is not None:
+        log.warning("seeds %d..%d of this evaluation are the student's training noise (%s.json, "
+                    "training_seed_range): its samples there are fits, not generations, and flatter the metrics. "
+                    "Pass a seed_base past the training seeds (the default, %d, is)", overlap[0], overlap[1],
+                    reference, EVAL_SEED_BASE)
 
 
 def sequence_layout(spec: Any) -> tuple[int, int, int]:
@@ -127,12 +155,13 @@ def validate(cfg: dict[str, Any]) -> tuple[Any, EvalSampler, MetricPlan]:
     _, _, num_classes = sequence_layout(spec)
     _check_labels(cfg["labels"], num_classes)
     sampler = _build_sampler(cfg, spec)
-    if sampler.needs_student:
-        student_reference(cfg, spec)
+    reference = student_reference(cfg, spec) if sampler.needs_student else None
     try:
         plan = resolve_metric_plan(cfg["metrics"], num_classes)
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"metrics: {err}") from err
+    if reference is not None:
+        _warn_on_training_seeds(reference, int(cfg["seed_base"]), int(cfg["num_samples"]))
     if plan.enabled and cfg["metrics"].get("reference") == "bundled" and num_classes != 10:
         log.warning("metrics.reference=bundled is the Fashion-MNIST test set, unrelated to %d-class model %s: pass "
                     "metrics.reference=<statistic.pth> (the DD ImageNet-256 statistics) for a meaningful FID",

@@ -106,6 +106,18 @@ def _datasets(cfg: dict[str, Any], family: Any, teacher_sha: str):
     return train, val
 
 
+def _training_seed_range(cfg: dict[str, Any], task: Any) -> list[int] | None:
+    """The per-sample seeds whose noise the student trained on: the pairs' (their manifest's ``seed_range``), or a
+    pair-free DD2 run's own draws. ``dd.eval`` warns when an evaluation's seeds fall inside."""
+    from dd.pairs.shards import read_manifest
+
+    data = getattr(task, "train_data", None)
+    if hasattr(data, "seed_base") and hasattr(data, "num_items"):  # pair-free noise (DD2)
+        return [int(data.seed_base), int(data.seed_base) + int(data.num_items) - 1]
+    manifest = Path(cfg["data"]["pairs_dir"]) / "manifest.json"
+    return read_manifest(manifest.parent).get("seed_range") if manifest.is_file() else None
+
+
 def _perceptual(cfg: dict[str, Any], family: Any):
     weight = float(cfg["loss"].get("perceptual_weight", 0.0))
     if weight <= 0:
@@ -280,7 +292,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     if trainer.is_global_zero:
         final = export(out / "export" / "student_ema.pt", task,
                        {"global_step": trainer.global_step, "train_s": round(snapshots.elapsed(), 3),
-                        "metrics": metrics})
+                        "metrics": metrics, "training_seed_range": _training_seed_range(cfg, task)})
         summary["export"] = str(final)
         log.info("exported EMA student to %s", final)
     return summary

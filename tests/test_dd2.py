@@ -177,6 +177,7 @@ def test_dd2_trains_exports_and_dd_eval_samples_the_generator(preset: str, tmp_p
 
     info = json.loads(Path(summary["export"] + ".json").read_text())
     assert info["method"] == "dd2" and info["schedule"] == {"t_list": [0], "split_t": spec.num_timesteps}
+    assert info["training_seed_range"] == [1_000_000_000, 1_000_000_000 + 8 * 10 - 1]  # fresh noise per step
     payload = run_eval(compose_cfg("eval", [f"model={preset}", "sampler=fewstep", "schedule.t_list=[0]",
                                             f"schedule.split_t={spec.num_timesteps}", "metrics.enabled=false",
                                             f"student.checkpoint={summary['export']}", "num_samples=4",

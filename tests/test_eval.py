@@ -434,3 +434,24 @@ def test_steady_timing_leaves_out_the_first_batch_of_every_session_and_rank() ->
     assert summary["sampling_s_per_image"] == (4 * 40.0 + 4 * 4.0) / 32
     old = timing_summary([{k: v for k, v in r.items() if k != "session"} for r in batches[:2]])  # older parts
     assert old["sampling_s_per_image_steady"] == 1.0
+
+
+def test_default_evaluation_seeds_are_not_the_training_noise(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """dd.eval's default seed_base lies past every seed dd trains on (pairs from 0, DD2 from 1e9); an evaluation
+    whose seeds fall inside the student's recorded training seeds is warned about, naming them."""
+    from dd.eval import EVAL_SEED_BASE, training_seed_overlap
+
+    cfg = compose_cfg([f"output_dir={tmp_path / 'out'}"])
+    assert cfg["seed_base"] == EVAL_SEED_BASE > 2_000_000_000 + 10**8
+    student = tmp_path / "student_ema.pt"
+    student.write_bytes(b"")
+    (tmp_path / "student_ema.pt.json").write_text(json.dumps({"training_seed_range": [0, 2047]}))
+    assert training_seed_overlap(str(student), 0, 5000) == (0, 2047)
+    assert training_seed_overlap(str(student), 2000, 100) == (2000, 2047)
+    assert training_seed_overlap(str(student), 2048, 100) is None
+    assert training_seed_overlap(str(student), EVAL_SEED_BASE, 50_000) is None
+    assert training_seed_overlap(str(tmp_path / "no_sidecar.pt"), 0, 10) is None
+    with caplog.at_level("WARNING", logger="dd.eval"):
+        dd_eval._warn_on_training_seeds(str(student), 0, 10)
+    assert any("seeds 0..9 of this evaluation are the student's training noise" in r.getMessage()
+               for r in caplog.records)

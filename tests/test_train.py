@@ -130,6 +130,7 @@ def test_short_training_lowers_loss_and_exports_official_layout(preset: str, pai
     assert all(torch.equal(v, ema[k]) for k, v in student.state_dict().items())
     assert not torch.equal(ema["n_d_embed.weight"], raw["n_d_embed.weight"])
     final_info = json.loads(Path(summary["export"] + ".json").read_text())
+    assert final_info["training_seed_range"] == [0, 639]  # the pairs' seeds: dd.eval warns when it samples them
     # snapshot_every=12: EMA exports at steps 12 and 24 with their training time; the last one is the final export
     snapshots = list_snapshots(tmp_path / "export")
     assert [p.name for p in snapshots] == ["student_ema_step0000012.pt", "student_ema_step0000024.pt"]
