@@ -76,6 +76,11 @@ def test_dd2_phase_options_are_refused_for_the_other_methods() -> None:
     done = subprocess.run([sys.executable, str(Path(demo.__file__).resolve()), "--method", "dd", "--dd2-steps", "3"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "--dd2-steps and --dd2-override are for --method dd+dd2" in done.stderr
+    for extra, message in ((["--method", "dd2", "--teacher-start", "8"], "only --method dd evaluates"),
+                           (["--method", "dd2", "--pairs", "100"], "trains without pairs")):
+        done = subprocess.run([sys.executable, str(Path(demo.__file__).resolve()), *extra],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and message in done.stderr, done.stderr
 
 
 def test_a_parallel_family_gets_every_setting_of_the_command_line() -> None:
@@ -168,3 +173,25 @@ def test_dd_then_dd2_demo_fine_tunes_the_dd_student_and_times_both_phases(tmp_pa
     assert results["curve"][1]["metrics"]["DD 1-step"] == results["DD 1-step"]["metrics"]
     assert results["curve"][3]["metrics"]["DD+DD2 1-step"] == results["DD+DD2 1-step"]["metrics"]
     assert (folder / "quality_curve.png").is_file() and (folder / "comparison.png").is_file()
+
+
+def test_a_demo_rerun_into_its_folder_trains_a_new_student_and_reports_the_pairs_time_they_took(
+        tmp_path: Path) -> None:
+    """Training a second time into the same folder starts over (resume=auto would find the finished run and train
+    nothing); complete pairs from an earlier run are reused and reported with the seconds that run recorded."""
+    import json
+
+    from dd.generate_pairs import run as run_pairs
+
+    out = tmp_path / "gpt_test"
+    assert demo._earlier_pairs_seconds(out) is None
+    run_pairs(compose_cfg("generate_pairs", ["model=gpt_test", "num_pairs=64", "shard_size=32",
+                                             f"output_dir={out / 'pairs'}"]))
+    assert demo._earlier_pairs_seconds(out) == 0.0  # complete, no earlier report
+    (out / "results.json").write_text(json.dumps({"seconds": {"pairs_s": 12.5}}))
+    assert demo._earlier_pairs_seconds(out) == 12.5
+    overrides = ["optim.warmup_steps=1", "limit_val_batches=1", "logger=none"]
+    first = demo._train("gpt_test", "dd", out / "train", 3, 16, 0, overrides)
+    again = demo._train("gpt_test", "dd", out / "train", 3, 16, 0, overrides)
+    assert first == again and json.loads(Path(str(again) + ".json").read_text())["global_step"] == 3
+    assert (out / "train" / "checkpoints.previous" / "last.ckpt").is_file()  # the second run trained anew
