@@ -173,15 +173,23 @@ def _capture_cuda(fn: Callable[..., Any], static_inputs: list[Any], warmup: int)
     """Warm up on a side stream (lazy init, cuBLAS workspaces, allocator), then capture one call of ``fn``.
 
     Each graph gets its own memory pool: graphs of different signatures may then be replayed in any order."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(warmup):
-            fn(*static_inputs)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outputs = fn(*static_inputs)
+    device = next((t.device for t in static_inputs if isinstance(t, torch.Tensor) and t.is_cuda), None)
+    # autocast's weight cache would let the capture read the bf16 weight copies an earlier call made, which the
+    # outermost autocast frees on exit: replays would then read freed memory. Without the cache the casts are
+    # recorded in the graph and replayed with it.
+    dtype = active_autocast_dtype("cuda")
+    no_cache = torch.autocast("cuda", dtype=dtype, cache_enabled=False) if dtype is not None \
+        else contextlib.nullcontext()
+    with torch.cuda.device(device) if device is not None else contextlib.nullcontext(), no_cache:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):
+                fn(*static_inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = fn(*static_inputs)
     return outputs, graph.replay
 
 

@@ -254,9 +254,6 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
                                 int(cfg["num_workers"]), _perceptual(cfg, family), bool(cfg["compile"]),
                                 int(cfg["seed"]))
         schedule = cfg["schedule"]
-        if int(cfg["optim"].get("warmup_steps", 0)) >= int(cfg["max_steps"]):  # after every error could have been
-            log.warning("optim.warmup_steps=%s >= max_steps=%s: the learning rate never reaches optim.lr and never "
-                        "decays; lower optim.warmup_steps", cfg["optim"]["warmup_steps"], cfg["max_steps"])
     logger = _logger(cfg, out)
     ckpt_dir = out / "checkpoints"
     if is_rank_zero():
@@ -285,6 +282,9 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
                         gradient_clip_val=None if dd2 else float(cfg["grad_clip"]),  # DD2 clips its own
                         accumulate_grad_batches=int(cfg["accumulate_grad_batches"]),
                         limit_val_batches=cfg["limit_val_batches"], num_sanity_val_steps=0)
+    if not dd2 and int(cfg["optim"].get("warmup_steps", 0)) >= int(cfg["max_steps"]):  # past every config error
+        log.warning("optim.warmup_steps=%s >= max_steps=%s: the learning rate never reaches optim.lr and never "
+                    "decays; lower optim.warmup_steps", cfg["optim"]["warmup_steps"], cfg["max_steps"])
     trainer.fit(task, ckpt_path=_resume_path(cfg, ckpt_dir))
     close_logger(trainer.logger)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}

@@ -119,9 +119,11 @@ def test_dry_run_builds_the_folder_and_the_card(preset: str, export: Path, evals
     student_cmd, teacher_cmd = (line for line in card.splitlines() if line.startswith("python -m dd.eval"))
     t_list = ",".join(map(str, config["schedule"]["t_list"]))
     assert student_cmd == (f"python -m dd.eval model={preset} sampler=fewstep schedule.t_list=[{t_list}] "
-                           f"schedule.split_t={config['schedule']['split_t']} num_samples=8 seed_base=0 "
+                           f"schedule.split_t={config['schedule']['split_t']} num_samples=8 "
+                           f"seed_base={dd_eval.EVAL_SEED_BASE} "
                            f"labels=uniform student.checkpoint=hf://{REPO_ID}/student_ema.pt")
-    assert teacher_cmd == f"python -m dd.eval model={preset} sampler=teacher num_samples=8 seed_base=0 labels=uniform"
+    assert teacher_cmd == (f"python -m dd.eval model={preset} sampler=teacher num_samples=8 "
+                           f"seed_base={dd_eval.EVAL_SEED_BASE} labels=uniform")
     assert f'checkpoint="hf://{REPO_ID}/student_ema.pt"' in card and "proxy FID" in card
 
 
