@@ -300,3 +300,22 @@ def test_a_warm_up_as_long_as_the_run_is_reported(preset: str, pairs_dir: Path, 
         run_train(compose_cfg("train", _train_overrides(pairs_dir, tmp_path, model=preset, max_steps=3,
                                                         val_every_steps=3, **{"optim.warmup_steps": 4})))
     assert any("never reaches optim.lr" in r.getMessage() for r in caplog.records)
+
+
+def test_perceptual_loss_trains_and_moves_its_frozen_tokenizer_with_the_task(preset: str, pairs_dir: Path,
+                                                                             tmp_path: Path) -> None:
+    """loss.perceptual_weight > 0: the term is computed and logged; the tokenizer it decodes through is a frozen
+    submodule of the loss, so Lightning's move of the task to its device moves it too (it stayed behind as a plain
+    attribute of the family) and no gradient accumulates in it."""
+    from dd.distill.losses import FeaturePerceptualLoss
+    from dd.distill.perceptual import load_perceptual_network
+
+    summary = run_train(compose_cfg("train", _train_overrides(pairs_dir, tmp_path, model=preset, max_steps=3,
+                                                              val_every_steps=3, **{"loss.perceptual_weight": 0.5})))
+    assert summary["metrics"]["train/perceptual"] > 0
+    family = build_spec(compose_cfg("train", [f"model={preset}"])).build_family()
+    loss = FeaturePerceptualLoss(family, load_perceptual_network({"network": "fmnist_classifier"}))
+    assert any(module is family.tokenizer for module in loss.modules())
+    assert not any(p.requires_grad for p in family.tokenizer.parameters())
+    loss.to(torch.float64)  # stands in for a device move
+    assert all(p.dtype == torch.float64 for p in family.tokenizer.parameters())

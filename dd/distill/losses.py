@@ -135,6 +135,9 @@ class FeaturePerceptualLoss(torch.nn.Module):
     def __init__(self, family: ARFamily, features: torch.nn.Module) -> None:
         super().__init__()
         self.family = family
+        # registered (and frozen) so that moving the loss (Lightning moves the task to its device) moves the
+        # tokenizer that family.decode runs, and no gradient accumulates in it
+        self.tokenizer = family.tokenizer.eval().requires_grad_(False)
         self.features = features.eval().requires_grad_(False)
 
     def _feats(self, tokens: torch.Tensor) -> list[torch.Tensor]:
