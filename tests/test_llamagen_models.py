@@ -87,6 +87,23 @@ def test_teacher_wrapper_layouts(gpt_fx: dict, tmp_path: Path, wrap: str) -> Non
     assert torch.equal(model.output.weight, state["output.weight"])
 
 
+def test_a_checkpoint_trained_at_another_resolution_is_refused(gpt_fx: dict, dd_fx: dict, tmp_path: Path) -> None:
+    """No LlamaGen weight depends on the token grid, so only the training args tell a 384-px file from a 256-px one:
+    a grid that is not the model's is refused (teacher and student), the model's own loads."""
+    teacher = build_teacher(**arch_from_official_args(gpt_fx["config"], "teacher"))
+    grid = teacher.grid_size
+    for model, state, kind in ((teacher, gpt_fx["checkpoint"]["model"], "teacher"),
+                               (_student(dd_fx), dd_fx["checkpoint"]["ema"], "student")):
+        assert model.grid_size == grid
+        path = tmp_path / f"{kind}.pt"
+        wrapper = "model" if kind == "teacher" else "ema"
+        torch.save({wrapper: state, "args": argparse.Namespace(image_size=16 * (grid + 8), downsample_size=16)}, path)
+        with pytest.raises(CheckpointError, match=f"image_size={16 * (grid + 8)} .*built for {grid} x {grid} tokens"):
+            load_weights(model, path, kind=kind)
+        torch.save({wrapper: state, "args": argparse.Namespace(image_size=16 * grid, downsample_size=16)}, path)
+        load_weights(model, path, kind=kind)
+
+
 def test_teacher_drops_stray_freqs_cis(gpt_fx: dict, tmp_path: Path) -> None:
     state = dict(gpt_fx["checkpoint"]["model"], freqs_cis=torch.zeros(26, 10, 2))
     path = tmp_path / "old.pt"

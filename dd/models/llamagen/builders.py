@@ -10,13 +10,14 @@ Example (notebook)::
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
 import torch
 from torch import nn
 
-from dd.checkpoint import extract_state_dict, load_strict, read_checkpoint
+from dd.checkpoint import CheckpointError, extract_state_dict, load_strict, read_checkpoint
 from dd.models.presets import device_scope as _device_scope
 from dd.models.llamagen.gpt import LlamaGenGPT
 from dd.models.llamagen.student import LlamaGenDDStudent, reset_student_new_parameters
@@ -83,9 +84,28 @@ def load_weights(model: nn.Module, checkpoint: str | os.PathLike[str], *, kind: 
 
     kind: "tokenizer", "teacher" or "student" (selects the default wrapper keys, see ``dd.checkpoint``).
     """
-    state = extract_state_dict(read_checkpoint(checkpoint), kind=kind, key=key)
+    obj = read_checkpoint(checkpoint)
+    _check_resolution(obj, model, checkpoint, kind)
+    state = extract_state_dict(obj, kind=kind, key=key)
     load_strict(model, state, what=f"LlamaGen {kind}", preset=preset)
     return model.eval()
+
+
+def _check_resolution(obj: Any, model: nn.Module, checkpoint: str | os.PathLike[str], kind: str) -> None:
+    """A transformer checkpoint whose training ``args`` name another token grid than the model's is refused: no
+    LlamaGen weight depends on the grid (RoPE is not stored), so a 384-px file (24 x 24 tokens) would load strictly
+    into a 256-px preset (16 x 16) and sample on the wrong position table."""
+    args = obj.get("args") if isinstance(obj, dict) else None
+    size, down = getattr(args, "image_size", None), getattr(args, "downsample_size", None)
+    block = getattr(model, "block_size", None)
+    grid = getattr(model, "grid_size", None) or (math.isqrt(block) if block else None)
+    if not (isinstance(size, int) and isinstance(down, int) and down > 0 and grid):
+        return
+    if size // down != grid:
+        raise CheckpointError(f"{checkpoint} was trained at image_size={size} ({size // down} x {size // down} tokens "
+                              f"with downsample_size={down}), but the LlamaGen {kind} is built for {grid} x {grid} "
+                              f"tokens ({grid * down} px): use the preset of that resolution, or the checkpoint "
+                              f"trained at {grid * down} px")
 
 
 _TOKENIZER_FIELDS = ("codebook_size", "codebook_embed_dim", "ch", "z_channels", "num_res_blocks", "codebook_l2_norm",
