@@ -225,7 +225,7 @@ def _check_outputs(out: Path, payload: dict, num_samples: int) -> None:
     assert np.array_equal(np.asarray(Image.open(out / "images" / "000001.png")), images[1])
     assert Image.open(out / "grid.png").size[1] == size * len(set(labels.tolist()))  # one row per class present
     assert not (out / "parts").exists() and not (out / "samples_tmp.npy").exists()
-    assert payload["seed_range"] == [0, num_samples - 1] and payload["fid_is_proxy"]
+    assert payload["seed_range"] == [dd_eval.EVAL_SEED_BASE, dd_eval.EVAL_SEED_BASE + num_samples - 1] and payload["fid_is_proxy"]
     timing = payload["timing"]
     assert timing["sampling_s_per_image"] > 0 and timing["decode_s_per_image"] > 0
     assert payload["checksums"]["tokenizer"]["state_dict_sha256"]

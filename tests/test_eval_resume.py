@@ -217,7 +217,7 @@ def test_finished_run_grows_to_a_larger_num_samples(preset: str, student_ckpt: P
     payload = dd_eval.run(_cfg(_overrides(out, student_ckpt, NO_METRICS, num_samples=12)))
     assert sampled == [(6, 3), (9, 3)], "only the new samples are sampled"
     images, labels = outputs.read_samples_npz(out / outputs.SAMPLES_FILE)
-    assert len(images) == len(labels) == 12 and payload["num_samples"] == 12 and payload["seed_range"] == [0, 11]
+    assert len(images) == len(labels) == 12 and payload["num_samples"] == 12 and payload["seed_range"] == [dd_eval.EVAL_SEED_BASE, dd_eval.EVAL_SEED_BASE + 11]
     assert np.array_equal(images[:6], first_images) and np.array_equal(labels[:6], first_labels)
     assert all(_files(out)[name] == data for name, data in first_pngs.items())
     assert payload["resume"] == {"sessions": 2, "sampled_this_session": 6}
@@ -260,7 +260,7 @@ def test_other_settings_or_weights_are_refused_and_never_starts_over(preset: str
     kept = {name: (tmp_path / name).read_bytes() for name in ("samples.npz", "config.json", "metrics.json")}
     with monkeypatch.context() as patch:
         refuse_model_loading(patch, "a model was loaded before the settings were checked")
-        for extra, difference in ((["seed_base=1"], "seed_base: before 0, now 1"),
+        for extra, difference in ((["seed_base=1"], f"seed_base: before {dd_eval.EVAL_SEED_BASE}, now 1"),
                                   (["model.sampling.cfg_scale=3.0"], "model.sampling.cfg_scale: before 2.0, now 3.0"),
                                   (["teacher_start_t=2"], "sampler.teacher_start_t: before 1, now 2")):
             with pytest.raises(ConfigError) as err:
@@ -314,4 +314,4 @@ def test_killed_cli_run_resumes_to_the_same_samples(preset: str, student_ckpt: P
     refused = subprocess.run([*command, "seed_base=7"], cwd=tmp_path, env=_env(), capture_output=True, text=True)
     lines = [line for line in refused.stderr.splitlines() if line.strip()]
     assert refused.returncode == 1 and len(lines) == 1 and lines[0].startswith("dd.eval: "), refused.stderr
-    assert "seed_base: before 0, now 7" in lines[0] and "resume=never" in lines[0]
+    assert f"seed_base: before {dd_eval.EVAL_SEED_BASE}, now 7" in lines[0] and "resume=never" in lines[0]
