@@ -57,13 +57,15 @@ def run_points(run: Path) -> list[tuple[str, float, float]]:
     if points:
         return points
     final = [f for f in sorted((run / "eval").glob("dd*_1-step")) if f.is_dir()]
+    export = run / "train" / "export" / "student_ema.pt.json"
+    last_step = int(json.loads(export.read_text())["global_step"]) if export.is_file() else None
     points = []
     for sidecar in sorted((run / "train" / "export" / "snapshots").glob("student_ema_step*.pt.json")):
         info = json.loads(sidecar.read_text())
         step = int(info["global_step"])
         fid = _fid(run / "eval" / "curve" / f"step{step}_1-step")
-        if fid is None and final:
-            fid = _fid(final[0])  # the last snapshot is the final export, evaluated as the run's own 1-step row
+        if fid is None and final and len(final) == 1 and step == last_step:
+            fid = _fid(final[0])  # the final export's snapshot, evaluated as the run's own 1-step row
         if fid is not None:
             points.append((str(step), pairs_s + float(info["train_s"]), float(fid)))
     if not points:
