@@ -24,7 +24,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
-from demo import _cfg  # noqa: E402  (the demo's Hydra composition helper)
+from demo import _cfg, _teacher_start  # noqa: E402  (the demo's Hydra composition helper, its default s)
 
 EVAL = ["labels=balanced", "seed_base=100000", "write_images=false"]
 
@@ -32,6 +32,14 @@ EVAL = ["labels=balanced", "seed_base=100000", "write_images=false"]
 def _metrics(payload: dict[str, Any]) -> dict[str, Any]:
     keep = ("fid", "precision", "recall", "label_accuracy", "isc_mean")
     return {k: payload["metrics"].get(k) for k in keep} | {"steps": payload["steps"]}
+
+
+def _raw_key(model: str) -> str:
+    """The export key of a preset family's raw (not EMA) student weights (LlamaGen ``model``, VAR
+    ``trainer.var_wo_ddp``): the spec's second export key."""
+    from hydra.utils import instantiate
+
+    return instantiate(_cfg("eval", [f"model={model}"])["model"], _convert_="all").export_keys[1]
 
 
 def _evaluate(args: argparse.Namespace, out: Path, export: Path | None, sampler: str,
@@ -43,7 +51,7 @@ def _evaluate(args: argparse.Namespace, out: Path, export: Path | None, sampler:
              "1step": ["sampler=fewstep", "schedule.t_list=[0]", f"schedule.split_t={split}"],
              "2step": ["sampler=fewstep", f"schedule.t_list={t_list}", f"schedule.split_t={split}"],
              "1step_raw": ["sampler=fewstep", "schedule.t_list=[0]", f"schedule.split_t={split}",
-                           "student.checkpoint_key=model"],  # the raw (not EMA) weights of the same export
+                           f"student.checkpoint_key={_raw_key(args.model)}"],  # the raw (not EMA) weights
              "ti": ["sampler=teacher_involved", f"teacher_start_t={args.teacher_start}",
                     f"schedule.t_list={t_list}", f"schedule.split_t={split}"]}[sampler]
     folder = f"ti_s{args.teacher_start}" if sampler == "ti" else sampler
@@ -77,12 +85,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--samplers", default="1step,2step")
-    parser.add_argument("--teacher-start", type=int, default=8)
+    parser.add_argument("--teacher-start", type=int, default=None,
+                        help="teacher_start_t of the ti sampler (default: the demo's, a third of t_list[1])")
     parser.add_argument("--out", default="outputs/study")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--eval-only", action="store_true", help="evaluate the run trained earlier under --name")
     parser.add_argument("overrides", nargs="*", help="dd.train overrides (after --)")
     args = parser.parse_args()
+    args.teacher_start = _teacher_start(args.model, args.teacher_start)
     import torch
 
     torch.set_num_threads(args.threads)

@@ -195,3 +195,12 @@ def test_a_demo_rerun_into_its_folder_trains_a_new_student_and_reports_the_pairs
     again = demo._train("gpt_test", "dd", out / "train", 3, 16, 0, overrides)
     assert first == again and json.loads(Path(str(again) + ".json").read_text())["global_step"] == 3
     assert (out / "train" / "checkpoints.previous" / "last.ckpt").is_file()  # the second run trained anew
+
+
+def test_study_script_defaults_fit_both_families() -> None:
+    """scripts/distill_study.py: the raw-weights row reads each family's own export key, and the teacher-involved
+    row's default start is the demo's (a third of t_list[1]), valid for both families (8 was not for var_tiny)."""
+    import distill_study
+
+    assert distill_study._raw_key("gpt_tiny") == "model" and distill_study._raw_key("var_tiny") == "trainer.var_wo_ddp"
+    assert demo._teacher_start("gpt_tiny", None) == 16 and demo._teacher_start("var_tiny", None) == 1
