@@ -289,3 +289,24 @@ def test_core_metric_and_data_modules_import_no_lightning_or_hydra() -> None:
             else:
                 continue
             assert not roots & forbidden, f"{source.name} imports {roots & forbidden}"
+
+
+def test_metric_plan_checks_extractor_weights_without_an_fid_reference_and_reports_a_skipped_is(
+        tmp_path) -> None:
+    """metrics.reference=null with precision/recall against an image file: missing extractor weights are refused
+    when the plan is made (not after all the sampling); IS, computed in the FID pass, is reported as not computed."""
+    import numpy as np
+    import pytest
+
+    from dd.evaluation.quality import compute_quality, resolve_metric_plan
+
+    real = tmp_path / "real.npz"
+    np.savez(real, np.zeros((4, 8, 8, 3), dtype=np.uint8))
+    cfg = {"reference": None, "prc_reference": str(real), "extractor": "dd-fmnist-classifier",
+           "extractor_weights": str(tmp_path / "missing.pt")}
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        resolve_metric_plan(cfg, num_classes=10)
+    plan = resolve_metric_plan({"reference": None, "prc_reference": None, "isc": True, "label_accuracy": False},
+                               num_classes=10)
+    result = compute_quality(np.zeros((2, 8, 8, 3), dtype=np.uint8), np.zeros(2, dtype=np.int64), plan)
+    assert result["isc_mean"] is None and "metrics.reference=null" in result["errors"]["isc"]

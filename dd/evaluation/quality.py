@@ -130,11 +130,13 @@ def resolve_metric_plan(cfg: Mapping[str, Any], num_classes: int) -> MetricPlan:
     extractor = _choose_extractor(cfg)
     weights = cfg.get("extractor_weights")
     reference, sha, count = None, None, None
+    prc = _plan_prc(cfg, extractor) if enabled else None
+    if enabled and (cfg.get("reference") not in (None, "none", "null") or prc is not None):
+        _check_extractor_weights(extractor, weights)  # before sampling, for every metric that runs the extractor
     if enabled and cfg.get("reference") not in (None, "none", "null"):
         path = _reference_file(str(cfg["reference"]))
         if not path.is_file():
             raise FileNotFoundError(f"metrics.reference={cfg['reference']}: reference statistics {path} not found")
-        _check_extractor_weights(extractor, weights)
         from dd.metrics.fid import load_reference_stats
 
         stats = load_reference_stats(path)
@@ -144,7 +146,7 @@ def resolve_metric_plan(cfg: Mapping[str, Any], num_classes: int) -> MetricPlan:
         reference, sha, count = str(path), file_sha256(path), stats.num_samples
     return MetricPlan(enabled=enabled, reference=reference, reference_sha256=sha, reference_num_samples=count,
                       extractor=extractor, extractor_weights=weights, isc=enabled and bool(cfg.get("isc", True)),
-                      prc_reference=_plan_prc(cfg, extractor) if enabled else None,
+                      prc_reference=prc,
                       prc_max_real=int(cfg.get("prc_max_real", 10000)),
                       label_accuracy=enabled and _plan_label_accuracy(cfg, extractor, num_classes),
                       batch_size=int(cfg.get("batch_size", 256)))
@@ -196,6 +198,8 @@ def compute_quality(images_nhwc: np.ndarray, labels: np.ndarray, plan: MetricPla
                         **common)
         if main is not None:
             result |= {"fid": main.fid, "isc_mean": main.isc_mean, "isc_std": main.isc_std}
+    elif plan.isc:
+        errors["isc"] = "IS is computed in the FID pass, which metrics.reference=null skips (set a reference)"
     if plan.prc_reference is not None:
         pr = _guarded("precision_recall", errors, compute_generation_metrics, images, _real_images(plan), isc=False,
                       prc=True, **common)
