@@ -19,7 +19,7 @@ import datetime as dt
 import json
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,9 +145,15 @@ def _preset_overrides(config: Mapping[str, Any]) -> list[str]:
     preset = _CONFIGS / "model" / f"{config['model']['name']}.yaml"
     overrides = []
     if preset.is_file():
-        defaults = yaml.safe_load(preset.read_text()).get("sampling", {})
-        overrides += [f"model.sampling.{key}={_override_value(value)}"
-                      for key, value in config["model"].get("sampling", {}).items() if defaults.get(key) != value]
+        defaults = dict(_leaves(yaml.safe_load(preset.read_text()) or {}))
+        for key, value in _leaves(config["model"]):
+            if key.split(".")[0] in _NOT_OVERRIDDEN or key not in defaults:
+                continue
+            default = defaults[key]
+            if isinstance(default, str) and "${" in default:  # an interpolation: its resolved value is not written
+                continue
+            if default != value:
+                overrides.append(f"model.{key}={_override_value(value)}")
     trainer = config.get("trainer", {})
     for hardware in sorted((_CONFIGS / "hardware").glob("*.yaml")):
         entries = yaml.safe_load(hardware.read_text()).get("trainer", {})
@@ -156,7 +162,24 @@ def _preset_overrides(config: Mapping[str, Any]) -> list[str]:
             if hardware.stem != "cpu":
                 overrides.append(f"hardware={hardware.stem}")
             break
+    else:
+        if trainer.get("precision") is not None:  # no hardware preset has it: name the precision itself
+            overrides.append(f"trainer.precision={trainer['precision']}")
     return overrides
+
+
+#: model settings the reproduce command leaves to the preset: its identity and the weight files (local paths on the
+#: machine that ran the evaluation; the uploaded student is named separately)
+_NOT_OVERRIDDEN = ("_target_", "name", "family", "tokenizer", "teacher", "student")
+
+
+def _leaves(tree: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of every non-mapping entry of a nested config."""
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
 
 
 def eval_command(result: EvalResult, repo_id: str) -> str:
@@ -173,6 +196,8 @@ def eval_command(result: EvalResult, repo_id: str) -> str:
     for key in ("teacher_dtype", "student_dtype"):
         if config.get(key) is not None:
             parts.append(f"{key}={config[key]}")
+    if (config.get("student") or {}).get("checkpoint_key") is not None:
+        parts.append(f"student.checkpoint_key={config['student']['checkpoint_key']}")
     if "student" in result.metrics.get("checksums", {}):
         parts.append(f"student.checkpoint={HF_PREFIX}{repo_id}/{STUDENT_FILE}")
     reference = config.get("metrics", {}).get("reference")

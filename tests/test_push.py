@@ -283,3 +283,23 @@ def test_offline_check_works_on_hub_versions_without_is_offline_mode(monkeypatch
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert _offline() is True
+
+
+def test_reproduce_command_names_every_model_setting_that_shapes_the_samples(tmp_path: Path) -> None:
+    """Beyond model.sampling.*: any other model setting that differs from the preset (here VAR's prefix attention),
+    a precision no hardware preset has, and a non-default student checkpoint key; never local weight paths."""
+    import yaml
+
+    preset = yaml.safe_load((hub._CONFIGS / "model" / "var_tiny.yaml").read_text())
+    model = {**preset, "prefix_attention": "block_causal", "sampling": {**preset["sampling"], "top_k": 5},
+             "teacher": {**preset["teacher"], "checkpoint": "/home/me/teacher.pt"}}
+    overrides = hub._preset_overrides({"model": model, "trainer": {"accelerator": "cpu", "precision": "bf16-mixed"}})
+    assert sorted(overrides) == ["model.prefix_attention=block_causal", "model.sampling.top_k=5",
+                                 "trainer.precision=bf16-mixed"]
+    assert hub._preset_overrides({"model": preset, "trainer": {"accelerator": "cpu", "precision": "32-true"}}) == []
+    config = {"model": preset, "trainer": {"accelerator": "cpu", "precision": "32-true"}, "num_samples": 8,
+              "seed_base": 0, "labels": "uniform", "student": {"checkpoint_key": "trainer.var_wo_ddp"}}
+    result = hub.EvalResult("e", tmp_path, {"sampler": {"kind": "fewstep", "t_list": [0], "split_t": 6},
+                                            "checksums": {"student": {}}}, config)
+    command = hub.eval_command(result, REPO_ID)
+    assert "student.checkpoint_key=trainer.var_wo_ddp" in command and "/home/me" not in command
