@@ -130,13 +130,11 @@ def resolve_metric_plan(cfg: Mapping[str, Any], num_classes: int) -> MetricPlan:
     extractor = _choose_extractor(cfg)
     weights = cfg.get("extractor_weights")
     reference, sha, count = None, None, None
-    prc = _plan_prc(cfg, extractor) if enabled else None
-    if enabled and (cfg.get("reference") not in (None, "none", "null") or prc is not None):
-        _check_extractor_weights(extractor, weights)  # before sampling, for every metric that runs the extractor
     if enabled and cfg.get("reference") not in (None, "none", "null"):
         path = _reference_file(str(cfg["reference"]))
         if not path.is_file():
             raise FileNotFoundError(f"metrics.reference={cfg['reference']}: reference statistics {path} not found")
+        _check_extractor_weights(extractor, weights)
         from dd.metrics.fid import load_reference_stats
 
         stats = load_reference_stats(path)
@@ -144,6 +142,9 @@ def resolve_metric_plan(cfg: Mapping[str, Any], num_classes: int) -> MetricPlan:
             raise ValueError(f"reference statistics {path} have {stats.dim}-d features, but extractor {extractor} "
                              f"gives {_extractor_dim(extractor, weights)}-d: set metrics.extractor to match")
         reference, sha, count = str(path), file_sha256(path), stats.num_samples
+    prc = _plan_prc(cfg, extractor) if enabled else None
+    if prc is not None and reference is None:  # precision/recall alone also runs the extractor: checked before sampling
+        _check_extractor_weights(extractor, weights)
     return MetricPlan(enabled=enabled, reference=reference, reference_sha256=sha, reference_num_samples=count,
                       extractor=extractor, extractor_weights=weights, isc=enabled and bool(cfg.get("isc", True)),
                       prc_reference=prc,
