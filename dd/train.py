@@ -109,13 +109,13 @@ def _datasets(cfg: dict[str, Any], family: Any, teacher_sha: str):
 def _training_seed_range(cfg: dict[str, Any], task: Any) -> list[int] | None:
     """The per-sample seeds whose noise the student trained on: the pairs' (their manifest's ``seed_range``), or a
     pair-free DD2 run's own draws. ``dd.eval`` warns when an evaluation's seeds fall inside."""
-    from dd.pairs.shards import read_manifest
+    from dd.pairs.shards import MANIFEST, read_manifest
 
     data = getattr(task, "train_data", None)
     if hasattr(data, "seed_base") and hasattr(data, "num_items"):  # pair-free noise (DD2)
         return [int(data.seed_base), int(data.seed_base) + int(data.num_items) - 1]
-    manifest = Path(cfg["data"]["pairs_dir"]) / "manifest.json"
-    return read_manifest(manifest.parent).get("seed_range") if manifest.is_file() else None
+    pairs = Path(cfg["data"]["pairs_dir"])
+    return read_manifest(pairs).get("seed_range") if (pairs / MANIFEST).is_file() else None
 
 
 def _perceptual(cfg: dict[str, Any], family: Any):
@@ -186,8 +186,7 @@ def check_resume_settings(cfg: dict[str, Any], out: Path) -> None:
         raise ConfigError(f"{out / 'checkpoints' / 'last.ckpt'} belongs to a run with other settings ({shown}), so "
                           "resume=auto would continue it with a different recipe. Start that folder over with "
                           "resume=never (its checkpoints move to checkpoints.previous), pick another output_dir, or "
-                          "drop the changed "
-                          "settings to continue the run")
+                          "drop the changed settings to continue the run")
     if saved.get("max_steps") != cfg["max_steps"]:
         log.warning("resuming %s with max_steps=%s instead of the run's %s: learning-rate schedules that span "
                     "max_steps change from the checkpoint on", out / "checkpoints" / "last.ckpt", cfg["max_steps"],

@@ -47,11 +47,12 @@ def _evaluate(args: argparse.Namespace, out: Path, export: Path | None, sampler:
     from dd.eval import run as run_eval
 
     t_list, split = list(schedule["t_list"]), int(schedule["split_t"])
+    raw_key = _raw_key(args.model) if sampler == "1step_raw" else None  # builds the preset's spec: only when asked
     extra = {"teacher": ["sampler=teacher"],
              "1step": ["sampler=fewstep", "schedule.t_list=[0]", f"schedule.split_t={split}"],
              "2step": ["sampler=fewstep", f"schedule.t_list={t_list}", f"schedule.split_t={split}"],
              "1step_raw": ["sampler=fewstep", "schedule.t_list=[0]", f"schedule.split_t={split}",
-                           f"student.checkpoint_key={_raw_key(args.model)}"],  # the raw (not EMA) weights
+                           f"student.checkpoint_key={raw_key}"],  # the raw (not EMA) weights of the export
              "ti": ["sampler=teacher_involved", f"teacher_start_t={args.teacher_start}",
                     f"schedule.t_list={t_list}", f"schedule.split_t={split}"]}[sampler]
     folder = f"ti_s{args.teacher_start}" if sampler == "ti" else sampler
